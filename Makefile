@@ -1,0 +1,64 @@
+# Assay build, test and matrix entry points. Everything installed or downloaded lands in .cache/ or .venv/.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+CLANG ?= clang
+BPFTOOL ?= bpftool
+ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
+BPF_SRC := $(wildcard bpf/src/*.bpf.c)
+BPF_HDR := $(wildcard bpf/src/*.h)
+BPF_OBJ := $(patsubst bpf/src/%.bpf.c,assay/data/%.bpf.o,$(BPF_SRC))
+APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool qemu-system-x86 debootstrap cpio dpkg-dev rpm2cpio xz-utils zstd
+KERNELS ?=
+
+.PHONY: all deps apt venv bpf wheel test test-host matrix demo bench clean
+
+all: bpf
+
+deps: apt venv
+
+# Idempotent: installs only what is missing, and refreshes the package lists only then.
+apt:
+	@missing=$$(for p in $(APT_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "apt: installing $$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.stamp
+$(VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q -e '.[test]' build
+	touch $@
+
+bpf/vmlinux.h:
+	$(BPFTOOL) btf dump file /sys/kernel/btf/vmlinux format c > $@.tmp && mv $@.tmp $@
+
+assay/data/%.bpf.o: bpf/src/%.bpf.c $(BPF_HDR) bpf/vmlinux.h
+	$(CLANG) -O2 -g -target bpf -D__TARGET_ARCH_$(ARCH) -Wall -Werror -Ibpf -Ibpf/src -c $< -o $@.tmp
+	mv $@.tmp $@
+
+bpf: $(BPF_OBJ)
+
+wheel: bpf venv
+	rm -rf dist build
+	$(VPY) -m build --wheel --no-isolation -o dist . >/dev/null
+	@ls dist/*.whl
+
+test-host: deps bpf
+	$(VPY) -m pytest -q -m 'not vm' tests
+
+matrix: deps wheel
+	$(VPY) kernel-matrix/run.py $(if $(KERNELS),--kernels $(KERNELS))
+
+test: test-host matrix
+
+demo: deps wheel
+	$(VPY) kernel-matrix/demo.py
+
+bench: deps bpf
+	$(VPY) bench/ringbuf_throughput.py
+
+clean:
+	rm -rf build dist assay/data/*.bpf.o *.egg-info

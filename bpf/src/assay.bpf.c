@@ -1,0 +1,558 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/* Assay kernel side: scope tracking and event tracepoints, plus the LSM enforcement hooks. */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include "assay.h"
+
+#define EPERM 1
+#define SIGKILL 9
+#define AF_INET 2
+#define AF_INET6 10
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 16 << 20);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, ASSAY_CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct assay_config);
+} assay_config SEC(".maps");
+
+/* tgid -> 1. Inherited on fork in the kernel, so children can never run unobserved. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u32);
+} scope_pids SEC(".maps");
+
+struct pending_call {
+	__u64 ptr;     /* user pointer to the path or sockaddr */
+	__u64 flags;
+	__s32 dfd;     /* dirfd for opens, socket fd for connect */
+	__u32 mode;
+	__u32 kind;
+	__u32 _pad;
+};
+
+/* Pairs a syscall's enter with its exit, keyed by thread id. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, struct pending_call);
+} pending SEC(".maps");
+
+union assay_any_event {
+	struct assay_exec_event exec;
+	struct assay_open_event open;
+	struct assay_block_event block;
+};
+
+/* Events are too large for the BPF stack. Slot 0 is for tracepoints, slot 1 for LSM hooks. */
+struct scratch_buf {
+	union assay_any_event ev;
+	char path[ASSAY_PATH_MAX + ASSAY_NAME_MAX];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, struct scratch_buf);
+} scratch SEC(".maps");
+
+#define INODE_MAP(name)                                      \
+	struct {                                             \
+		__uint(type, BPF_MAP_TYPE_HASH);             \
+		__uint(max_entries, 262144);                 \
+		__uint(map_flags, BPF_F_NO_PREALLOC);        \
+		__type(key, struct assay_inode_key);         \
+		__type(value, struct assay_rule_ref);        \
+	} name SEC(".maps")
+
+INODE_MAP(file_deny);
+INODE_MAP(file_deny_dirs);
+INODE_MAP(file_allow);
+INODE_MAP(file_allow_dirs);
+
+/* Keep the ABI enums and structs in the object's BTF, so userspace can check its mirror. */
+struct assay_btf_anchor {
+	enum assay_event_type t;
+	enum assay_action a;
+	enum assay_counter c;
+	enum assay_open_syscall s;
+	struct assay_exit_event exit;
+	struct assay_fork_event fork;
+	struct assay_connect_event connect;
+	struct assay_net_block_event net_block;
+};
+struct assay_btf_anchor *assay_btf_anchor_unused __attribute__((unused));
+
+static __always_inline struct assay_config *get_config(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&assay_config, &zero);
+}
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline bool cgroup_in_subtree(__u64 target)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct cgroup *cg = BPF_CORE_READ(task, cgroups, dfl_cgrp);
+
+	for (int i = 0; i < ASSAY_CGROUP_DEPTH; i++) {
+		if (!cg)
+			return false;
+		if (BPF_CORE_READ(cg, kn, id) == target)
+			return true;
+		/* css "self" is the first member, so its parent pointer is the parent cgroup. */
+		cg = (struct cgroup *)BPF_CORE_READ(cg, self.parent);
+	}
+	return false;
+}
+
+static __always_inline bool in_scope(const struct assay_config *cfg, __u32 tgid)
+{
+	if (tgid == cfg->monitor_tgid)
+		return false;
+	if (cfg->scope_all)
+		return true;
+	if (bpf_map_lookup_elem(&scope_pids, &tgid))
+		return true;
+	if (cfg->scope_cgroup)
+		return cgroup_in_subtree(cfg->cgroup_id);
+	return false;
+}
+
+static __always_inline bool wants(const struct assay_config *cfg, enum assay_event_type t)
+{
+	return cfg->event_mask & (1u << t);
+}
+
+static __always_inline void fill_header(struct assay_event_header *h, enum assay_event_type type)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u64 uid_gid = bpf_get_current_uid_gid();
+
+	h->ts_ns = bpf_ktime_get_ns();
+	h->cgroup_id = bpf_get_current_cgroup_id();
+	h->type = type;
+	h->pid = pid_tgid >> 32;
+	h->tid = (__u32)pid_tgid;
+	h->ppid = BPF_CORE_READ(task, real_parent, tgid);
+	h->uid = (__u32)uid_gid;
+	h->gid = uid_gid >> 32;
+	bpf_get_current_comm(h->comm, sizeof(h->comm));
+}
+
+static __always_inline void emit(void *ev, __u64 size)
+{
+	if (size > sizeof(union assay_any_event))
+		size = sizeof(union assay_any_event);
+	if (bpf_ringbuf_output(&events, ev, size, 0))
+		count(ASSAY_CNT_RINGBUF_DROP);
+}
+
+static __always_inline struct scratch_buf *get_scratch(__u32 slot)
+{
+	return bpf_map_lookup_elem(&scratch, &slot);
+}
+
+/* ---------------------------------------------------------------- process lifecycle */
+
+SEC("tracepoint/sched/sched_process_fork")
+int assay_fork(struct trace_event_raw_sched_process_fork *ctx)
+{
+	struct assay_config *cfg = get_config();
+	__u32 parent = bpf_get_current_pid_tgid() >> 32;
+	__u32 child = BPF_CORE_READ(ctx, child_pid);
+	__u32 one = 1;
+
+	if (!cfg || !in_scope(cfg, parent))
+		return 0;
+	/* Threads land here too; their tid key is harmless and removed at their exit. */
+	if (bpf_map_lookup_elem(&scope_pids, &parent) &&
+	    bpf_map_update_elem(&scope_pids, &child, &one, BPF_ANY))
+		count(ASSAY_CNT_SCOPE_FULL);
+	if (!wants(cfg, ASSAY_EV_FORK) || child == (__u32)bpf_get_current_pid_tgid())
+		return 0;
+
+	struct assay_fork_event ev = {};
+	fill_header(&ev.hdr, ASSAY_EV_FORK);
+	ev.child_pid = child;
+	emit(&ev, sizeof(ev));
+	return 0;
+}
+
+SEC("tracepoint/sched/sched_process_exec")
+int assay_exec(struct trace_event_raw_sched_process_exec *ctx)
+{
+	struct assay_config *cfg = get_config();
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+
+	if (!cfg || !in_scope(cfg, tgid) || !wants(cfg, ASSAY_EV_EXEC))
+		return 0;
+	struct scratch_buf *s = get_scratch(0);
+	if (!s)
+		return 0;
+	struct assay_exec_event *ev = &s->ev.exec;
+	fill_header(&ev->hdr, ASSAY_EV_EXEC);
+
+	unsigned int off = BPF_CORE_READ(ctx, __data_loc_filename) & 0xFFFF;
+	long n = bpf_probe_read_kernel_str(ev->filename, sizeof(ev->filename), (void *)ctx + off);
+	ev->filename_len = n > 0 ? n - 1 : 0;
+
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	unsigned long start = BPF_CORE_READ(task, mm, arg_start);
+	unsigned long end = BPF_CORE_READ(task, mm, arg_end);
+	unsigned long len = end > start ? end - start : 0;
+	if (len > ASSAY_ARGS_MAX)
+		len = ASSAY_ARGS_MAX;
+	ev->args_len = 0;
+	if (len && !bpf_probe_read_user(ev->args, len & (ASSAY_ARGS_MAX - 1) ?: ASSAY_ARGS_MAX,
+					(void *)start))
+		ev->args_len = len;
+	emit(ev, sizeof(*ev));
+	return 0;
+}
+
+SEC("tracepoint/sched/sched_process_exit")
+int assay_exit(void *ctx)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tgid = pid_tgid >> 32, tid = (__u32)pid_tgid;
+	struct assay_config *cfg = get_config();
+
+	if (tid != tgid) {
+		bpf_map_delete_elem(&scope_pids, &tid);
+		return 0;
+	}
+	/* Only the last thread out ends the process: before that, its other threads stay in scope. */
+	if (BPF_CORE_READ(task, signal, live.counter) != 0)
+		return 0;
+	bool scoped = cfg && in_scope(cfg, tgid);
+	bpf_map_delete_elem(&scope_pids, &tgid);
+	if (!scoped || !wants(cfg, ASSAY_EV_EXIT))
+		return 0;
+
+	struct assay_exit_event ev = {};
+	fill_header(&ev.hdr, ASSAY_EV_EXIT);
+	int code = BPF_CORE_READ(task, exit_code);
+	ev.exit_code = (code >> 8) & 0xff;
+	ev.signal = code & 0x7f;
+	emit(&ev, sizeof(ev));
+	return 0;
+}
+
+/* ---------------------------------------------------------------- file opens */
+
+static __always_inline int open_enter(__u32 kind, __s32 dfd, const char *path, __u64 flags, __u32 mode)
+{
+	struct assay_config *cfg = get_config();
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid;
+
+	if (!cfg || !wants(cfg, ASSAY_EV_OPEN) || !in_scope(cfg, pid_tgid >> 32))
+		return 0;
+	struct pending_call pc = {.ptr = (__u64)path, .flags = flags, .dfd = dfd, .mode = mode, .kind = kind};
+	if (bpf_map_update_elem(&pending, &tid, &pc, BPF_ANY))
+		count(ASSAY_CNT_PENDING_FULL);
+	return 0;
+}
+
+static __always_inline int open_exit(long ret)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct pending_call *pc = bpf_map_lookup_elem(&pending, &tid);
+	if (!pc)
+		return 0;
+	struct scratch_buf *s = get_scratch(0);
+	if (!s)
+		goto out;
+	struct assay_open_event *ev = &s->ev.open;
+	fill_header(&ev->hdr, ASSAY_EV_OPEN);
+	ev->ret = ret;
+	ev->dfd = pc->dfd;
+	ev->flags = (__s32)pc->flags;
+	ev->mode = pc->mode;
+	ev->syscall = pc->kind;
+	/* Read at exit: the kernel has faulted the string in by now. */
+	long n = bpf_probe_read_user_str(ev->path, sizeof(ev->path), (void *)pc->ptr);
+	ev->path_len = n > 0 ? n - 1 : 0;
+	emit(ev, offsetof(struct assay_open_event, path) + (ev->path_len & (ASSAY_PATH_MAX - 1)));
+out:
+	bpf_map_delete_elem(&pending, &tid);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_openat")
+int assay_openat_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	return open_enter(ASSAY_SYS_OPENAT, (__s32)ctx->args[0], (const char *)ctx->args[1],
+			  ctx->args[2], (__u32)ctx->args[3]);
+}
+
+SEC("tracepoint/syscalls/sys_exit_openat")
+int assay_openat_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return open_exit(ctx->ret);
+}
+
+SEC("tracepoint/syscalls/sys_enter_openat2")
+int assay_openat2_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	struct open_how how = {};
+	bpf_probe_read_user(&how, sizeof(how), (void *)ctx->args[2]);
+	return open_enter(ASSAY_SYS_OPENAT2, (__s32)ctx->args[0], (const char *)ctx->args[1],
+			  how.flags, (__u32)how.mode);
+}
+
+SEC("tracepoint/syscalls/sys_exit_openat2")
+int assay_openat2_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return open_exit(ctx->ret);
+}
+
+/* ---------------------------------------------------------------- connect */
+
+#define KIND_CONNECT 100
+
+SEC("tracepoint/syscalls/sys_enter_connect")
+int assay_connect_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	struct assay_config *cfg = get_config();
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid;
+
+	if (!cfg || !wants(cfg, ASSAY_EV_CONNECT) || !in_scope(cfg, pid_tgid >> 32))
+		return 0;
+	struct pending_call pc = {.ptr = ctx->args[1], .dfd = (__s32)ctx->args[0], .kind = KIND_CONNECT};
+	if (bpf_map_update_elem(&pending, &tid, &pc, BPF_ANY))
+		count(ASSAY_CNT_PENDING_FULL);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_connect")
+int assay_connect_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct pending_call *pc = bpf_map_lookup_elem(&pending, &tid);
+	if (!pc)
+		return 0;
+	if (pc->kind != KIND_CONNECT)
+		goto out;
+
+	struct assay_connect_event ev = {};
+	__u16 family = 0;
+	bpf_probe_read_user(&family, sizeof(family), (void *)pc->ptr);
+	if (family == AF_INET) {
+		struct sockaddr_in sa = {};
+		bpf_probe_read_user(&sa, sizeof(sa), (void *)pc->ptr);
+		ev.port = __builtin_bswap16(sa.sin_port);
+		__builtin_memcpy(ev.addr, &sa.sin_addr, 4);
+	} else if (family == AF_INET6) {
+		struct sockaddr_in6 sa6 = {};
+		bpf_probe_read_user(&sa6, sizeof(sa6), (void *)pc->ptr);
+		ev.port = __builtin_bswap16(sa6.sin6_port);
+		__builtin_memcpy(ev.addr, &sa6.sin6_addr, 16);
+	} else {
+		goto out;   /* unix and other families are not network connects */
+	}
+	fill_header(&ev.hdr, ASSAY_EV_CONNECT);
+	ev.family = family;
+	ev.ret = (__s32)ctx->ret;
+	ev.fd = pc->dfd;
+	emit(&ev, sizeof(ev));
+out:
+	bpf_map_delete_elem(&pending, &tid);
+	return 0;
+}
+
+/* ---------------------------------------------------------------- LSM: file enforcement */
+
+static __always_inline __u32 new_encode_dev(__u32 s_dev)
+{
+	__u32 major = s_dev >> 20, minor = s_dev & ((1U << 20) - 1);
+	return (minor & 0xff) | (major << 8) | ((minor & ~0xffU) << 12);
+}
+
+/* The seed's lookup order: (dev_new, gen), (dev_old, gen), (dev_new, 0), (dev_old, 0). */
+static __always_inline struct assay_rule_ref *lookup_inode(void *map, struct inode *inode)
+{
+	struct assay_inode_key k = {};
+	struct assay_rule_ref *r;
+	__u32 s_dev = BPF_CORE_READ(inode, i_sb, s_dev);
+	__u32 gen = BPF_CORE_READ(inode, i_generation);
+
+	k.ino = BPF_CORE_READ(inode, i_ino);
+	k.dev = new_encode_dev(s_dev);
+	k.gen = gen;
+	if ((r = bpf_map_lookup_elem(map, &k)))
+		return r;
+	k.dev = s_dev;
+	if ((r = bpf_map_lookup_elem(map, &k)))
+		return r;
+	k.gen = 0;
+	k.dev = new_encode_dev(s_dev);
+	if ((r = bpf_map_lookup_elem(map, &k)))
+		return r;
+	k.dev = s_dev;
+	return bpf_map_lookup_elem(map, &k);
+}
+
+static __always_inline struct mount *real_mount(struct vfsmount *m)
+{
+	return (struct mount *)((void *)m - bpf_core_field_offset(struct mount, mnt));
+}
+
+/*
+ * Walks the ancestors of a dentry: first inside its filesystem through d_parent (so a bind mount
+ * of a subdirectory still reaches the protected directory), then across mount points.
+ */
+static __always_inline struct assay_rule_ref *lookup_ancestors(void *map, struct dentry *d,
+							       struct vfsmount *vmnt)
+{
+	struct mount *mnt = real_mount(vmnt);
+	struct assay_rule_ref *r;
+
+	for (int i = 0; i < ASSAY_WALK_DEPTH; i++) {
+		struct dentry *parent = BPF_CORE_READ(d, d_parent);
+		if (parent == d) {
+			struct mount *up = BPF_CORE_READ(mnt, mnt_parent);
+			if (up == mnt)
+				return NULL;
+			d = BPF_CORE_READ(mnt, mnt_mountpoint);
+			mnt = up;
+			continue;
+		}
+		d = parent;
+		if ((r = lookup_inode(map, BPF_CORE_READ(d, d_inode))))
+			return r;
+	}
+	count(ASSAY_CNT_WALK_TRUNC);
+	return NULL;
+}
+
+/* Writes the path right-aligned into buf, as d_path would show it; returns its start offset. */
+static __always_inline __u32 resolve_path(struct dentry *d, struct vfsmount *vmnt, char *buf)
+{
+	struct mount *mnt = real_mount(vmnt);
+	__u32 off = ASSAY_PATH_MAX - 1;
+
+	buf[ASSAY_PATH_MAX - 1] = 0;
+	for (int i = 0; i < ASSAY_WALK_DEPTH; i++) {
+		struct dentry *parent = BPF_CORE_READ(d, d_parent);
+		struct dentry *root = BPF_CORE_READ(mnt, mnt.mnt_root);
+		if (d == root || d == parent) {
+			struct mount *up = BPF_CORE_READ(mnt, mnt_parent);
+			if (up == mnt)
+				break;
+			d = BPF_CORE_READ(mnt, mnt_mountpoint);
+			mnt = up;
+			continue;
+		}
+		__u32 len = BPF_CORE_READ(d, d_name.len);
+		const unsigned char *name = BPF_CORE_READ(d, d_name.name);
+		if (len >= ASSAY_NAME_MAX || len + 1 > off)
+			break;
+		off -= len;
+		bpf_probe_read_kernel(buf + (off & (ASSAY_PATH_MAX - 1)), len & (ASSAY_NAME_MAX - 1), name);
+		off -= 1;
+		buf[off & (ASSAY_PATH_MAX - 1)] = '/';
+		d = parent;
+	}
+	if (off == ASSAY_PATH_MAX - 1) {
+		off -= 1;
+		buf[off] = '/';
+	}
+	return off;
+}
+
+static __always_inline void emit_block(enum assay_event_type type, struct assay_rule_ref *rule,
+				       struct inode *inode, struct dentry *d, struct vfsmount *mnt)
+{
+	struct scratch_buf *s = get_scratch(1);
+	if (!s)
+		return;
+	struct assay_block_event *ev = &s->ev.block;
+	fill_header(&ev->hdr, type);
+	ev->ino = BPF_CORE_READ(inode, i_ino);
+	ev->dev = new_encode_dev(BPF_CORE_READ(inode, i_sb, s_dev));
+	ev->gen = BPF_CORE_READ(inode, i_generation);
+	ev->rule_id = rule->rule_id;
+	ev->action = rule->action;
+	__u32 off = resolve_path(d, mnt, s->path) & (ASSAY_PATH_MAX - 1);
+	__u32 len = (ASSAY_PATH_MAX - 1 - off) & (ASSAY_PATH_MAX - 1);
+	bpf_probe_read_kernel(ev->path, len, s->path + off);
+	ev->path_len = len;
+	emit(ev, offsetof(struct assay_block_event, path) + len);
+}
+
+/* Applies a matched rule: returns the LSM verdict. */
+static __always_inline int act(struct assay_rule_ref *rule)
+{
+	switch (rule->action) {
+	case ASSAY_ACT_LOG:
+	case ASSAY_ACT_ALERT:
+		return 0;
+	case ASSAY_ACT_KILL_IMMEDIATE:
+		bpf_send_signal(SIGKILL);
+		return -EPERM;
+	default:
+		return -EPERM;
+	}
+}
+
+SEC("lsm/file_open")
+int BPF_PROG(assay_file_open, struct file *file, int ret)
+{
+	struct assay_config *cfg = get_config();
+
+	if (ret || !cfg || !cfg->enforce || !cfg->file_rules)
+		return ret;
+	if (!in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
+		return 0;
+
+	struct inode *inode = BPF_CORE_READ(file, f_inode);
+	struct dentry *d = BPF_CORE_READ(file, f_path.dentry);
+	struct vfsmount *mnt = BPF_CORE_READ(file, f_path.mnt);
+	struct assay_rule_ref *rule = NULL;
+	__u32 rules = cfg->file_rules;
+
+	if (rules & ASSAY_RULES_DENY)
+		rule = lookup_inode(&file_deny, inode);
+	if (!rule && (rules & ASSAY_RULES_DENY_DIRS))
+		rule = lookup_ancestors(&file_deny_dirs, d, mnt);
+	if (!rule)
+		return 0;
+	/* A `not` exception wins over any deny. */
+	if ((rules & ASSAY_RULES_ALLOW) && lookup_inode(&file_allow, inode))
+		return 0;
+	if ((rules & ASSAY_RULES_ALLOW_DIRS) && lookup_ancestors(&file_allow_dirs, d, mnt))
+		return 0;
+	emit_block(ASSAY_EV_FILE_BLOCKED, rule, inode, d, mnt);
+	return act(rule);
+}

@@ -1,0 +1,153 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* The kernel/userspace ABI of Assay: the single source of truth, mirrored once in assay/abi.py. */
+#ifndef __ASSAY_H
+#define __ASSAY_H
+
+#define ASSAY_COMM_LEN 16
+/* Powers of two: BPF code masks offsets with (N - 1) to satisfy the verifier. */
+#define ASSAY_PATH_MAX 4096
+#define ASSAY_ARGS_MAX 1024
+#define ASSAY_NAME_MAX 256
+/* Bounded walks: dentry ancestors (across mounts) and cgroup ancestors. */
+#define ASSAY_WALK_DEPTH 48
+#define ASSAY_CGROUP_DEPTH 32
+
+enum assay_event_type {
+	ASSAY_EV_EXEC = 1,
+	ASSAY_EV_EXIT = 2,
+	ASSAY_EV_FORK = 3,
+	ASSAY_EV_OPEN = 4,
+	ASSAY_EV_CONNECT = 5,
+	ASSAY_EV_FILE_BLOCKED = 6,
+	ASSAY_EV_NET_BLOCKED = 7,
+	ASSAY_EV_EXEC_BLOCKED = 8,
+};
+
+enum assay_action {
+	ASSAY_ACT_LOG = 1,
+	ASSAY_ACT_ALERT = 2,
+	ASSAY_ACT_DENY = 3,
+	ASSAY_ACT_KILL_IMMEDIATE = 4,
+	ASSAY_ACT_KILL_GRACEFUL = 5,
+};
+
+/* Indexes of the per-CPU counters map. */
+enum assay_counter {
+	ASSAY_CNT_RINGBUF_DROP = 0,  /* ring buffer full: event lost */
+	ASSAY_CNT_SCOPE_FULL = 1,    /* scope_pids full: a child could not be tracked */
+	ASSAY_CNT_WALK_TRUNC = 2,    /* ancestor walk hit ASSAY_WALK_DEPTH */
+	ASSAY_CNT_PENDING_FULL = 3,  /* syscall enter/exit pairing map full */
+	ASSAY_CNT_MAX = 4,
+};
+
+enum assay_open_syscall {
+	ASSAY_SYS_OPENAT = 0,
+	ASSAY_SYS_OPENAT2 = 1,
+};
+
+struct assay_config {
+	__u32 scope_all;      /* every process on the host */
+	__u32 scope_cgroup;   /* cgroup_id below is set: it and its descendants are in scope */
+	__u64 cgroup_id;
+	__u32 monitor_tgid;   /* the monitor itself is never reported or enforced */
+	__u32 event_mask;     /* bit (1 << type) set: that event type is emitted */
+	__u32 enforce;        /* LSM hooks act */
+	__u32 file_rules;     /* bit 0 exact deny, 1 subtree deny, 2 exact allow, 3 subtree allow */
+};
+
+#define ASSAY_RULES_DENY 1
+#define ASSAY_RULES_DENY_DIRS 2
+#define ASSAY_RULES_ALLOW 4
+#define ASSAY_RULES_ALLOW_DIRS 8
+
+/* Inode identity. dev is either encoding (new_encode_dev or major<<20|minor); gen 0 is the fallback. */
+struct assay_inode_key {
+	__u64 ino;
+	__u32 dev;
+	__u32 gen;
+};
+
+struct assay_rule_ref {
+	__u32 rule_id;
+	enum assay_action action;
+};
+
+struct assay_event_header {
+	__u64 ts_ns;
+	__u64 cgroup_id;
+	enum assay_event_type type;
+	__u32 pid;   /* tgid */
+	__u32 tid;
+	__u32 ppid;
+	__u32 uid;
+	__u32 gid;
+	char comm[ASSAY_COMM_LEN];
+};
+
+struct assay_exec_event {
+	struct assay_event_header hdr;
+	__u32 filename_len;
+	__u32 args_len;   /* NUL-separated argv bytes, possibly truncated */
+	char filename[ASSAY_PATH_MAX];
+	char args[ASSAY_ARGS_MAX];
+};
+
+struct assay_exit_event {
+	struct assay_event_header hdr;
+	__s32 exit_code;
+	__s32 signal;
+};
+
+struct assay_fork_event {
+	struct assay_event_header hdr;
+	__u32 child_pid;
+	__u32 _pad;
+};
+
+/* Emitted with a variable length: the record ends after path_len bytes of path. */
+struct assay_open_event {
+	struct assay_event_header hdr;
+	__s64 ret;
+	__s32 dfd;
+	__s32 flags;
+	__u32 mode;
+	__u16 syscall;
+	__u16 path_len;
+	char path[ASSAY_PATH_MAX];
+};
+
+struct assay_connect_event {
+	struct assay_event_header hdr;
+	__s32 ret;
+	__s32 fd;
+	__u16 family;
+	__u16 port;
+	__u8 addr[16];
+	__u32 _pad;
+};
+
+/* file_blocked and exec_blocked; variable length like open events. */
+struct assay_block_event {
+	struct assay_event_header hdr;
+	__u64 ino;
+	__u32 dev;
+	__u32 gen;
+	__u32 rule_id;
+	enum assay_action action;
+	__u32 path_len;
+	__u32 _pad;
+	char path[ASSAY_PATH_MAX];
+};
+
+struct assay_net_block_event {
+	struct assay_event_header hdr;
+	__u32 rule_id;
+	enum assay_action action;
+	__u16 family;
+	__u16 port;
+	__u16 protocol;
+	__u16 _pad;
+	__u8 addr[16];
+};
+
+#endif /* __ASSAY_H */
