@@ -1,0 +1,183 @@
+"""Decoding of ring buffer records into event dicts, and their JSON and text renderings."""
+from __future__ import annotations
+
+import datetime
+import errno
+import ipaddress
+import json
+import os
+import re
+import struct
+import time
+from typing import Callable, Dict, Mapping, Optional
+
+from assay import abi
+from assay.abi import EventType
+
+TYPE_NAMES = {t: t.name.lower() for t in EventType}
+ACTION_NAMES = {a: a.name.lower() for a in abi.Action}
+FAMILIES = {2: "inet", 10: "inet6"}
+PROTOCOLS = {6: "tcp", 17: "udp"}
+SYSCALLS = {0: "openat", 1: "openat2"}
+
+# Control characters, backslash, and the surrogates that surrogateescape makes of invalid UTF-8.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\\\\\udc80-\udcff]")
+# Composite flags first, so O_SYNC is not also shown as O_DSYNC, nor O_TMPFILE as O_DIRECTORY.
+_FLAG_NAMES = [n for n in ("O_TMPFILE", "O_SYNC", "O_CREAT", "O_EXCL", "O_NOCTTY", "O_TRUNC", "O_APPEND",
+                           "O_NONBLOCK", "O_DSYNC", "O_DIRECTORY", "O_NOFOLLOW", "O_CLOEXEC", "O_PATH",
+                           "O_DIRECT", "O_NOATIME", "O_LARGEFILE") if getattr(os, n, 0)]
+
+
+def _escape_char(m: "re.Match") -> str:
+    c = ord(m.group())
+    if c == 0x5C:
+        return "\\\\"
+    return f"\\x{c - 0xDC00 if c >= 0xDC80 else c:02x}"
+
+
+def clean(raw: bytes) -> str:
+    """Kernel strings are untrusted: invalid UTF-8 and control characters become \\xNN escapes."""
+    return _UNSAFE.sub(_escape_char, raw.decode("utf-8", "surrogateescape"))
+
+
+def open_flags(flags: int) -> str:
+    acc = flags & 3
+    names = ["O_WRONLY" if acc == 1 else "O_RDWR" if acc == 2 else "O_RDONLY"]
+    rest = flags & ~3
+    for n in _FLAG_NAMES:
+        bit = getattr(os, n)
+        if rest & bit == bit:
+            names.append(n)
+            rest &= ~bit
+    if rest:
+        names.append(hex(rest))
+    return "|".join(names)
+
+
+def _errname(ret: int) -> Optional[str]:
+    return errno.errorcode.get(-ret, str(-ret)) if ret < 0 else None
+
+
+def _addr(family: int, raw: bytes) -> str:
+    if family == 2:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    return str(ipaddress.IPv6Address(raw[:16]))
+
+
+class Decoder:
+    """Turns raw records into dicts. Pure apart from the clock offset fixed at construction."""
+
+    def __init__(self, rule_names: Optional[Mapping[int, str]] = None):
+        # ktime_get_ns() is CLOCK_MONOTONIC; this offset maps it to wall-clock time.
+        self._wall_offset = time.time() - time.monotonic()
+        self.rule_names: Mapping[int, str] = rule_names or {}
+        self._body = {t: struct.Struct(abi.struct_format(cls, skip="hdr")) for t, cls in abi.EVENT_STRUCTS.items()}
+        self._hsize = abi.HEADER_SIZE
+        self._path_off = {t: getattr(cls, "path").offset for t, cls in abi.EVENT_STRUCTS.items()
+                          if hasattr(cls, "path")}
+        self._decoders: Dict[int, Callable] = {
+            EventType.EXEC: self._exec, EventType.EXIT: self._exit, EventType.FORK: self._fork,
+            EventType.OPEN: self._open, EventType.CONNECT: self._connect,
+            EventType.FILE_BLOCKED: self._block, EventType.EXEC_BLOCKED: self._block,
+            EventType.NET_BLOCKED: self._net_block,
+        }
+
+    def timestamp(self, ts_ns: int) -> str:
+        t = datetime.datetime.fromtimestamp(ts_ns / 1e9 + self._wall_offset, datetime.timezone.utc)
+        return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    def decode(self, data: bytes) -> dict:
+        if len(data) < self._hsize:
+            raise ValueError(f"short record: {len(data)} bytes")
+        ts, cg, typ, pid, tid, ppid, uid, gid, comm = abi.HEADER.unpack_from(data)
+        ev = {"type": TYPE_NAMES.get(typ, str(typ)), "ts": self.timestamp(ts), "pid": pid, "tid": tid,
+              "ppid": ppid, "uid": uid, "gid": gid, "comm": clean(comm.split(b"\0", 1)[0]),
+              "cgroup_id": cg}
+        fn = self._decoders.get(typ)
+        if fn is not None:
+            fn(typ, data, ev)
+        return ev
+
+    def _fields(self, typ: int, data: bytes) -> tuple:
+        body = self._body[typ]
+        if len(data) >= self._hsize + body.size:
+            return body.unpack_from(data, self._hsize)
+        # Variable-length records end early: pad so the fixed part still unpacks.
+        return body.unpack_from(data + bytes(self._hsize + body.size - len(data)), self._hsize)
+
+    def _path(self, typ: int, data: bytes, length: int) -> str:
+        off = self._path_off[typ]
+        return clean(data[off:off + length].split(b"\0", 1)[0])
+
+    def _exec(self, typ, data, ev):
+        flen, alen, filename, args = self._fields(typ, data)
+        ev["filename"] = clean(filename[:flen].split(b"\0", 1)[0])
+        argv = args[:alen].rstrip(b"\0").split(b"\0") if alen else []
+        ev["argv"] = [clean(a) for a in argv]
+        ev["argv_truncated"] = alen >= abi.ARGS_MAX
+
+    def _exit(self, typ, data, ev):
+        ev["exit_code"], ev["signal"] = self._fields(typ, data)[:2]
+
+    def _fork(self, typ, data, ev):
+        ev["child_pid"] = self._fields(typ, data)[0]
+
+    def _open(self, typ, data, ev):
+        ret, dfd, flags, mode, syscall, plen, _ = self._fields(typ, data)
+        ev.update(syscall=SYSCALLS.get(syscall, str(syscall)), path=self._path(typ, data, plen),
+                  flags=open_flags(flags), ret=ret, dfd=dfd)
+        if ret < 0:
+            ev["error"] = _errname(ret)
+
+    def _connect(self, typ, data, ev):
+        ret, fd, family, port, addr, _ = self._fields(typ, data)
+        ev.update(family=FAMILIES.get(family, str(family)), addr=_addr(family, addr), port=port, ret=ret,
+                  fd=fd)
+        if ret < 0:
+            ev["error"] = _errname(ret)
+
+    def _rule(self, ev, rule_id, action):
+        ev["rule"] = self.rule_names.get(rule_id, str(rule_id))
+        ev["rule_id"] = rule_id
+        ev["action"] = ACTION_NAMES.get(action, str(action))
+
+    def _block(self, typ, data, ev):
+        ino, dev, gen, rule_id, action, plen, _pad, _ = self._fields(typ, data)
+        self._rule(ev, rule_id, action)
+        ev.update(path=self._path(typ, data, plen), dev=dev, ino=ino, gen=gen)
+
+    def _net_block(self, typ, data, ev):
+        rule_id, action, family, port, proto, _pad, addr = self._fields(typ, data)
+        self._rule(ev, rule_id, action)
+        ev.update(family=FAMILIES.get(family, str(family)), addr=_addr(family, addr), port=port,
+                  protocol=PROTOCOLS.get(proto, str(proto)))
+
+
+def to_json(ev: dict) -> str:
+    return json.dumps(ev, separators=(",", ":"))
+
+
+def to_text(ev: dict) -> str:
+    """One line for people; every string in ev is already escaped."""
+    who = f"[{ev['pid']} {ev['comm']}]"
+    t = ev["type"]
+    if t == "exec":
+        return f"{who} exec {ev['filename']} {' '.join(ev['argv'][1:])}".rstrip()
+    if t == "exit":
+        how = f"signal {ev['signal']}" if ev["signal"] else f"code {ev['exit_code']}"
+        return f"{who} exit {how}"
+    if t == "fork":
+        return f"{who} fork -> {ev['child_pid']}"
+    if t == "open":
+        res = ev.get("error") or ev["ret"]
+        return f"{who} {ev['syscall']} {ev['path']} {ev['flags']} = {res}"
+    if t == "connect":
+        res = ev.get("error") or ev["ret"]
+        host = f"[{ev['addr']}]" if ev["family"] == "inet6" else ev["addr"]
+        return f"{who} connect {host}:{ev['port']} = {res}"
+    if t in ("file_blocked", "exec_blocked"):
+        return (f"{who} BLOCKED {t.split('_')[0].upper()} {ev['path']} rule={ev['rule']} "
+                f"action={ev['action']} dev={ev['dev']} ino={ev['ino']}")
+    if t == "net_blocked":
+        return f"{who} BLOCKED CONNECT {ev['addr']}:{ev['port']} rule={ev['rule']} action={ev['action']}"
+    return f"{who} {t}"

@@ -1,0 +1,308 @@
+"""Monitor orchestration: load and scope the BPF object, run the workload, stream its events."""
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import signal
+import sys
+import time
+from importlib import resources
+from typing import Callable, Dict, List, Optional, Sequence, TextIO
+
+import attrs
+import structlog
+
+from assay import abi, events, system
+from assay.bpf import Object
+from assay.errors import BpfError, UsageError
+
+log = structlog.get_logger("assay.monitor")
+
+ALL_EVENTS = tuple(t for t in abi.EventType)
+GRACE_S = 5.0
+
+
+def default_object_path() -> str:
+    return str(resources.files("assay") / "data" / "assay.bpf.o") if hasattr(resources, "files") else \
+        os.path.join(os.path.dirname(__file__), "data", "assay.bpf.o")
+
+
+@attrs.frozen
+class Scope:
+    pids: tuple = ()
+    cgroup: Optional[str] = None
+    all: bool = False
+
+
+@attrs.frozen
+class MonitorOptions:
+    scope: Scope = Scope()
+    command: tuple = ()
+    duration: Optional[float] = None
+    fmt: str = "json"
+    output: Optional[str] = None
+    ebpf: Optional[str] = None
+    ringbuf_size: Optional[int] = None
+    events: tuple = ALL_EVENTS
+
+
+@attrs.define
+class Summary:
+    counts: Dict[str, int] = attrs.Factory(collections.Counter)
+    kernel_counters: Dict[str, int] = attrs.Factory(dict)
+    duration_s: float = 0.0
+    exit_status: Optional[int] = None
+
+    @property
+    def dropped(self) -> int:
+        return self.kernel_counters.get("ringbuf_drop", 0)
+
+    def as_dict(self) -> dict:
+        return {"events": dict(sorted(self.counts.items())), "total": sum(self.counts.values()),
+                "dropped": self.dropped, "lost": {k: v for k, v in self.kernel_counters.items()
+                                                 if k != "ringbuf_drop" and v},
+                "duration_s": round(self.duration_s, 3), "exit_status": self.exit_status}
+
+    def as_text(self) -> str:
+        per = ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())) or "none"
+        lost = ", ".join(f"{k}={v}" for k, v in self.kernel_counters.items() if k != "ringbuf_drop" and v)
+        text = (f"assay: {sum(self.counts.values())} events ({per}); dropped={self.dropped}"
+                f"{'; lost: ' + lost if lost else ''}; duration={self.duration_s:.2f}s")
+        if self.exit_status is not None:
+            text += f"; command exit status={self.exit_status}"
+        return text
+
+
+def parse_duration(text: str) -> float:
+    """'10s', '500ms', '2m', '1h' or plain seconds."""
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    t = text.strip().lower()
+    for suffix in ("ms", "s", "m", "h"):
+        if t.endswith(suffix):
+            num, mult = t[: -len(suffix)], units[suffix]
+            break
+    else:
+        num, mult = t, 1
+    try:
+        value = float(num) * mult
+    except ValueError:
+        raise UsageError(f"invalid duration {text!r}: use e.g. 10s, 500ms, 2m, 1h") from None
+    if value <= 0:
+        raise UsageError(f"invalid duration {text!r}: must be positive")
+    return value
+
+
+def descendants(pid: int) -> List[int]:
+    """Existing descendants of pid, from /proc (children forked later are tracked by the kernel)."""
+    children: Dict[int, List[int]] = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        children[ppid].append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), ()):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def exit_status(wait_status: int) -> int:
+    if os.WIFSIGNALED(wait_status):
+        return 128 + os.WTERMSIG(wait_status)
+    return os.WEXITSTATUS(wait_status)
+
+
+class Monitor:
+    """Owns the loaded object for one run. Nothing is pinned: when this process dies, so does BPF."""
+
+    def __init__(self, opts: MonitorOptions, enforce: bool = False,
+                 on_event: Optional[Callable[[dict], None]] = None):
+        self.opts = opts
+        self.enforce = enforce
+        self.on_event = on_event
+        self.summary = Summary()
+        self.decoder = events.Decoder()
+        self.obj: Optional[Object] = None
+        self._stop = False
+        self._child: Optional[int] = None
+        self._out: Optional[TextIO] = None
+
+    # ------------------------------------------------------------ setup
+    def load(self) -> Object:
+        if system.ensure_tracefs() is None:
+            raise BpfError("tracefs is not available (mount -t tracefs tracefs /sys/kernel/tracing)")
+        path = self.opts.ebpf or default_object_path()
+        if not os.path.exists(path):
+            raise BpfError(f"BPF object not found: {path} (run `make bpf`, or reinstall the wheel)")
+        obj = Object(path)
+        try:
+            for p in obj.programs.values():
+                if p.is_lsm and not self.enforce:
+                    p.autoload = False
+            if self.opts.ringbuf_size:
+                obj.maps["events"].set_max_entries(self.opts.ringbuf_size)
+            obj.load()
+        except BaseException:
+            obj.close()
+            raise
+        self.obj = obj
+        return obj
+
+    def configure(self, cgroup_id: Optional[int], extra: Optional[Callable[[abi.Config], None]] = None) -> None:
+        cfg = abi.Config()
+        cfg.scope_all = int(self.opts.scope.all)
+        cfg.scope_cgroup = int(cgroup_id is not None)
+        cfg.cgroup_id = cgroup_id or 0
+        cfg.monitor_tgid = os.getpid()
+        cfg.event_mask = sum(1 << int(t) for t in self.opts.events)
+        cfg.enforce = int(self.enforce)
+        if extra:
+            extra(cfg)
+        self.obj.maps["assay_config"].update(ctypes.c_uint32(0), cfg)
+
+    def add_pid(self, pid: int) -> None:
+        self.obj.maps["scope_pids"].update(ctypes.c_uint32(pid), ctypes.c_uint32(1))
+
+    def resolve_cgroup(self) -> Optional[int]:
+        if not self.opts.scope.cgroup:
+            return None
+        try:
+            return system.cgroup_id(self.opts.scope.cgroup)
+        except (OSError, ValueError) as e:
+            raise BpfError(f"cannot resolve cgroup {self.opts.scope.cgroup}: {e}") from None
+
+    def kernel_counters(self) -> Dict[str, int]:
+        m = self.obj.maps["counters"]
+        out = {}
+        for c in abi.Counter:
+            if c is abi.Counter.MAX:
+                continue
+            vals = m.lookup_percpu(ctypes.c_uint32(int(c)))
+            out[c.name.lower()] = sum(int.from_bytes(v, "little") for v in vals)
+        return out
+
+    # ------------------------------------------------------------ run
+    def _spawn(self, argv: Sequence[str]) -> int:
+        """Starts argv already in scope: the child waits on a pipe until its pid is in the map."""
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            try:
+                os.close(w)
+                if os.read(r, 1) != b"x":
+                    os._exit(126)  # the monitor died before scoping us: never run unobserved
+                os.close(r)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+                os.execvp(argv[0], list(argv))
+            except OSError as e:
+                os.write(2, f"assay: cannot run {argv[0]}: {e.strerror}\n".encode())
+                os._exit(127 if e.errno == 2 else 126)
+            finally:
+                os._exit(126)
+        os.close(r)
+        try:
+            self.add_pid(pid)
+        except BaseException:
+            os.close(w)  # child sees EOF and exits without running the command
+            os.waitpid(pid, 0)
+            raise
+        os.write(w, b"x")
+        os.close(w)
+        return pid
+
+    def _handle_signal(self, signum, _frame) -> None:
+        self._stop = True
+        if self._child:
+            try:
+                os.kill(self._child, signum)
+            except ProcessLookupError:
+                pass
+
+    def _emit(self, data: bytes) -> None:
+        ev = self.decoder.decode(data)
+        self.summary.counts[ev["type"]] += 1
+        if self.on_event is not None:
+            self.on_event(ev)
+        if self._out is not None:
+            self._out.write((events.to_json(ev) if self.opts.fmt == "json" else events.to_text(ev)) + "\n")
+
+    def run(self, out: Optional[TextIO] = None) -> int:
+        """Loads, scopes, runs; returns the exit code (the command's status when there is one)."""
+        from assay.bpf import RingBuffer
+
+        opts = self.opts
+        if not (opts.scope.pids or opts.scope.cgroup or opts.scope.all or opts.command):
+            raise UsageError("nothing to monitor: give --pid, --cgroup, --all or -- COMMAND")
+        for pid in opts.scope.pids:
+            if not os.path.exists(f"/proc/{pid}"):
+                raise UsageError(f"--pid {pid}: no such process")
+        cgroup_id = self.resolve_cgroup()
+        self.load()
+        self._out = out
+        start = time.monotonic()
+        old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        rb = None
+        try:
+            self.configure(cgroup_id)
+            for pid in opts.scope.pids:
+                self.add_pid(pid)
+            for _ in range(2):  # a second pass catches children forked during the first
+                for pid in opts.scope.pids:
+                    for d in descendants(pid):
+                        self.add_pid(d)
+            rb = RingBuffer(self.obj.maps["events"], self._emit)
+            self.obj.attach()
+            log.info("monitoring", pid=os.getpid(), scope=attrs.asdict(opts.scope))
+            if opts.command:
+                self._child = self._spawn(opts.command)
+            deadline = start + opts.duration if opts.duration else None
+            status = None
+            stop_at = None
+            while True:
+                rb.poll(100)
+                if out is not None:
+                    out.flush()
+                if self._child:
+                    pid, wstatus = os.waitpid(self._child, os.WNOHANG)
+                    if pid:
+                        status = exit_status(wstatus)
+                        break
+                    if self._stop and stop_at is None:
+                        stop_at = time.monotonic() + GRACE_S
+                    if stop_at and time.monotonic() > stop_at:
+                        os.kill(self._child, signal.SIGKILL)
+                elif self._stop:
+                    break
+                if deadline and time.monotonic() >= deadline and not self._stop:
+                    if not self._child:
+                        break
+                    # --duration bounds the command too: stop it as a signal would
+                    self._handle_signal(signal.SIGTERM, None)
+            rb.consume()
+            self.summary.exit_status = status
+            return status if status is not None else 0
+        except BrokenPipeError:
+            # the reader went away (e.g. `| head`): stop quietly, like other CLI tools
+            sys.stdout = open(os.devnull, "w")
+            return 0
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self.summary.duration_s = time.monotonic() - start
+            try:
+                self.summary.kernel_counters = self.kernel_counters()
+            except BpfError:
+                pass
+            if rb is not None:
+                rb.close()
+            self.obj.close()

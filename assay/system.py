@@ -1,0 +1,110 @@
+"""Host facts and the pseudo-filesystems BPF needs: tracefs, securityfs, cgroup2."""
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Optional
+
+TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+SECURITYFS = "/sys/kernel/security"
+CGROUP2_MAGIC = 0x63677270
+
+
+def _mount(source: str, target: str, fstype: str) -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.mount(source.encode(), target.encode(), fstype.encode(), 0, None) == 0
+
+
+def _is_mounted(target: str) -> bool:
+    try:
+        with open("/proc/self/mounts") as f:
+            return any(line.split()[1] == target for line in f)
+    except OSError:
+        return False
+
+
+def ensure_tracefs() -> Optional[str]:
+    """libbpf finds tracepoint ids in tracefs; mount it when the host has not."""
+    for d in TRACEFS_DIRS:
+        if os.path.exists(os.path.join(d, "events")):
+            return d
+    if os.path.isdir(TRACEFS_DIRS[0]) and _mount("tracefs", TRACEFS_DIRS[0], "tracefs"):
+        return TRACEFS_DIRS[0]
+    if os.path.isdir("/sys/kernel/debug") and not _is_mounted("/sys/kernel/debug"):
+        if _mount("debugfs", "/sys/kernel/debug", "debugfs") and os.path.exists(TRACEFS_DIRS[1] + "/events"):
+            return TRACEFS_DIRS[1]
+    return None
+
+
+def ensure_securityfs() -> bool:
+    if os.path.exists(os.path.join(SECURITYFS, "lsm")):
+        return True
+    return os.path.isdir(SECURITYFS) and _mount("securityfs", SECURITYFS, "securityfs") and \
+        os.path.exists(os.path.join(SECURITYFS, "lsm"))
+
+
+def active_lsms() -> list:
+    ensure_securityfs()
+    try:
+        with open(os.path.join(SECURITYFS, "lsm")) as f:
+            return [x for x in f.read().strip().split(",") if x]
+    except OSError:
+        return []
+
+
+def bpf_lsm_active() -> bool:
+    return "bpf" in active_lsms()
+
+
+def lockdown_mode() -> Optional[str]:
+    try:
+        with open(os.path.join(SECURITYFS, "lockdown")) as f:
+            text = f.read()
+    except OSError:
+        return None
+    # "none [integrity] confidentiality": the bracketed one is active
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if start >= 0 < end else text.strip()
+
+
+def cgroup2_mounts() -> list:
+    out = []
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 2 and parts[2] == "cgroup2":
+                    out.append(parts[1])
+    except OSError:
+        pass
+    return out
+
+
+def cgroup_id(path: str) -> int:
+    """A cgroup v2 directory's id is its kernfs inode number. Raises OSError/ValueError."""
+    st = os.stat(path)
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    class StatFs(ctypes.Structure):
+        _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
+
+    buf = StatFs()
+    if libc.statfs(path.encode(), ctypes.byref(buf)) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), path)
+    if buf.f_type & 0xFFFFFFFF != CGROUP2_MAGIC:
+        raise ValueError(f"{path} is not on a cgroup v2 filesystem (mounted at: "
+                         f"{', '.join(cgroup2_mounts()) or 'none'})")
+    return st.st_ino
+
+
+def own_cgroup2_path() -> Optional[str]:
+    """The cgroup v2 directory of this process, if cgroup2 is mounted."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            rel = next((line.split(":", 2)[2].strip() for line in f if line.startswith("0::")), None)
+    except OSError:
+        return None
+    mounts = cgroup2_mounts()
+    if rel is None or not mounts:
+        return None
+    return os.path.join(mounts[0], rel.lstrip("/"))
