@@ -66,6 +66,8 @@ def monitor(
         if output:
             out.close()
         s = mon.summary
+        if mon.obj is None:  # failed before loading: the error says it all
+            raise
         print(json.dumps({"summary": s.as_dict()}) if fmt == "json" else s.as_text(), file=sys.stderr)
         if s.dropped:
             print(f"assay: WARNING: {s.dropped} events were dropped (ring buffer full); "

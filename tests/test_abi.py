@@ -1,0 +1,47 @@
+"""The Python mirror (assay/abi.py) against the compiled object's BTF: they cannot drift apart."""
+import ctypes
+import os
+
+import pytest
+
+from assay import abi, btf
+from assay.monitor import default_object_path
+
+pytestmark = pytest.mark.skipif(not os.path.exists(default_object_path()),
+                                reason="BPF object not built: run `make bpf`")
+
+
+@pytest.fixture(scope="module")
+def obj_btf():
+    return btf.from_elf(default_object_path())
+
+
+@pytest.mark.parametrize("cname", sorted(abi.STRUCTS))
+def test_struct_layout_matches_btf(obj_btf, cname):
+    mirror = abi.STRUCTS[cname]
+    size, members = obj_btf.struct(cname)
+    assert ctypes.sizeof(mirror) == size, f"{cname}: size {ctypes.sizeof(mirror)} != BTF {size}"
+    py = [(name, getattr(mirror, name).offset, ctypes.sizeof(t)) for name, t in mirror._fields_]
+    c = [(m.name, m.offset, m.size) for m in members]
+    assert py == c
+
+
+@pytest.mark.parametrize("cname", sorted(abi.ENUMS))
+def test_enum_values_match_btf(obj_btf, cname):
+    pyenum, prefix = abi.ENUMS[cname]
+    c = {k[len(prefix):]: v for k, v in obj_btf.enum(cname).items()}
+    assert c == {m.name: int(m) for m in pyenum}
+
+
+def test_struct_format_agrees_with_ctypes():
+    for cls in abi.STRUCTS.values():
+        import struct
+        assert struct.calcsize(abi.struct_format(cls)) == ctypes.sizeof(cls)
+
+
+def test_a_drifted_mirror_is_caught(obj_btf):
+    # The check itself must be able to fail: a mirror with one field moved does not match.
+    class Drifted(ctypes.Structure):
+        _fields_ = [("ino", ctypes.c_uint64), ("gen", ctypes.c_uint32), ("dev", ctypes.c_uint32)]
+    _, members = obj_btf.struct("assay_inode_key")
+    assert [(n, getattr(Drifted, n).offset) for n, _ in Drifted._fields_] != [(m.name, m.offset) for m in members]

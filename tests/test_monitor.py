@@ -1,0 +1,189 @@
+"""`assay monitor` against this host's real kernel: events, scope, fork inheritance, drops, signals."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+pytestmark = pytest.mark.root
+PY = sys.executable
+
+
+def run_monitor(assay_cmd, args, timeout=60, **kw):
+    p = subprocess.run(assay_cmd + ["monitor"] + args, capture_output=True, text=True, timeout=timeout, **kw)
+    return p
+
+
+def events_of(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def summary_of(stderr):
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith('{"summary"')]
+    assert lines, f"no summary on stderr: {stderr!r}"
+    return lines[-1]["summary"]
+
+
+@pytest.fixture
+def listener():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    stop = threading.Event()
+
+    def accept():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                c, _ = srv.accept()
+                c.close()
+            except OSError:
+                pass
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield srv.getsockname()[1]
+    stop.set()
+    t.join()
+    srv.close()
+
+
+def test_command_events_exec_open_connect(assay_cmd, tmp_path, listener):
+    out = tmp_path / "ev.jsonl"
+    outsider_file = tmp_path / "outsider-marker"
+    stop = threading.Event()
+
+    def outsider():  # a process outside the scope opening files all along
+        while not stop.is_set():
+            with open(outsider_file, "w"):
+                pass
+            time.sleep(0.01)
+    t = threading.Thread(target=outsider, daemon=True)
+    t.start()
+    script = f"cat /etc/hostname >/dev/null; {PY} -c 'import socket; socket.create_connection((\"127.0.0.1\", {listener})).close()'"
+    try:
+        p = run_monitor(assay_cmd, ["-o", str(out), "--", "sh", "-c", script])
+    finally:
+        stop.set()
+        t.join()
+    assert p.returncode == 0, p.stderr
+    evs = events_of(out)
+    sh_exec = [e for e in evs if e["type"] == "exec" and e["filename"].endswith("/sh")]
+    assert sh_exec, "no exec event for sh"
+    sh_pid = sh_exec[0]["pid"]
+    cat_opens = [e for e in evs if e["type"] == "open" and e["path"] == "/etc/hostname"]
+    assert len(cat_opens) == 1
+    o = cat_opens[0]
+    assert o["comm"] == "cat" and o["ret"] >= 0 and o["ppid"] == sh_pid and o["pid"] != sh_pid
+    assert o["flags"].startswith("O_RDONLY") and o["syscall"] == "openat"
+    conns = [e for e in evs if e["type"] == "connect" and e["port"] == listener]
+    assert len(conns) == 1 and conns[0]["addr"] == "127.0.0.1" and conns[0]["ret"] == 0
+    assert conns[0]["family"] == "inet" and conns[0]["ppid"] == sh_pid
+    exits = [e for e in evs if e["type"] == "exit" and e["pid"] == sh_pid]
+    assert exits and exits[0]["exit_code"] == 0
+    for e in evs:
+        for key in ("type", "ts", "pid", "ppid", "uid", "comm", "cgroup_id"):
+            assert key in e
+    assert not [e for e in evs if e.get("path", "").endswith("outsider-marker")], "out-of-scope events leaked"
+    assert all(e["pid"] != os.getpid() for e in evs)
+    s = summary_of(p.stderr)
+    assert s["dropped"] == 0 and s["total"] == len(evs) and s["exit_status"] == 0
+
+
+def test_child_forked_after_start_is_in_scope(assay_cmd, tmp_path):
+    marker = tmp_path / "forked"
+    # A process that is already running when the monitor starts, and forks children (and
+    # grandchildren) later; only the pid is given to the monitor.
+    code = textwrap.dedent(f"""
+        import os, time
+        end = time.time() + 6
+        while time.time() < end:
+            pid = os.fork()
+            if pid == 0:
+                g = os.fork()
+                if g == 0:
+                    open({str(marker)!r} + "-grandchild", "w").close()
+                    os._exit(0)
+                os.waitpid(g, 0)
+                open({str(marker)!r} + "-child", "w").close()
+                os._exit(0)
+            os.waitpid(pid, 0)
+            time.sleep(0.1)
+    """)
+    proc = subprocess.Popen([PY, "-c", code])
+    try:
+        time.sleep(0.3)
+        out = tmp_path / "ev.jsonl"
+        p = run_monitor(assay_cmd, ["--pid", str(proc.pid), "--duration", "3s", "-o", str(out)])
+        assert p.returncode == 0, p.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+    evs = events_of(out)
+    child = [e for e in evs if e["type"] == "open" and e["path"].endswith("forked-child")]
+    grand = [e for e in evs if e["type"] == "open" and e["path"].endswith("forked-grandchild")]
+    assert child and all(e["ppid"] == proc.pid and e["pid"] != proc.pid for e in child)
+    assert grand and all(e["ppid"] not in (proc.pid, os.getpid()) for e in grand)
+    forks = [e for e in evs if e["type"] == "fork" and e["pid"] == proc.pid]
+    assert forks
+
+
+def test_tiny_ring_buffer_flood_counts_drops(assay_cmd, tmp_path):
+    out = tmp_path / "ev.jsonl"
+    n = 30000
+    code = f"import os\nfor i in range({n}):\n    os.close(os.open('/dev/null', os.O_RDONLY))\n"
+    p = run_monitor(assay_cmd, ["--ringbuf-size", "4096", "-o", str(out), "--", PY, "-c", code])
+    assert p.returncode == 0, p.stderr
+    s = summary_of(p.stderr)
+    devnull = [e for e in events_of(out) if e["type"] == "open" and e["path"] == "/dev/null"]
+    assert s["dropped"] > 0, s
+    assert "events were dropped" in p.stderr
+    # every open either arrived or was counted as dropped: nothing lost silently
+    assert len(devnull) + s["dropped"] >= n
+    assert s["total"] == len(events_of(out))
+
+
+def test_exit_status_of_command_is_returned(assay_cmd, tmp_path):
+    p = run_monitor(assay_cmd, ["-o", str(tmp_path / "e"), "--", "sh", "-c", "exit 7"])
+    assert p.returncode == 7
+    assert summary_of(p.stderr)["exit_status"] == 7
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_cleanly_with_summary(assay_cmd, tmp_path, sig):
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        mon = subprocess.Popen(assay_cmd + ["monitor", "--pid", str(sleeper.pid), "-o", str(tmp_path / "e")],
+                               stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        mon.send_signal(sig)
+        _, err = mon.communicate(timeout=20)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert mon.returncode == 0, err
+    assert "Traceback" not in err
+    assert summary_of(err)["dropped"] == 0
+
+
+def test_control_characters_and_bad_utf8_are_escaped(assay_cmd, tmp_path):
+    name = b"evil\x1b[31m\x01\xff.txt"
+    path = os.fsencode(tmp_path) + b"/" + name
+    code = f"open({path!r}, 'w').close()"
+    out = tmp_path / "ev.jsonl"
+    p = run_monitor(assay_cmd, ["-o", str(out), "--", PY, "-c", code])
+    assert p.returncode == 0, p.stderr
+    raw = out.read_bytes()
+    assert b"\x1b" not in raw and b"\xff" not in raw
+    evs = [e for e in events_of(out) if e["type"] == "open" and "evil" in e["path"]]
+    assert evs and evs[0]["path"].endswith("evil\\x1b[31m\\x01\\xff.txt")
+    p = run_monitor(assay_cmd, ["--format", "text", "--", PY, "-c", code])
+    assert "\x1b" not in p.stdout and "evil\\x1b[31m\\x01\\xff.txt" in p.stdout
