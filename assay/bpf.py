@@ -13,7 +13,8 @@ log = structlog.get_logger("assay.bpf")
 
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
 PERCPU_TYPES = {5, 6, 10}  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
-LEVELS = {0: "warning", 1: "info", 2: "debug"}
+# libbpf's warnings (verifier logs included) show with --log-level info; errors carry the gist.
+LEVELS = {0: "info", 1: "info", 2: "debug"}
 
 
 def _route_libbpf_log(level: int, msg: str) -> None:
@@ -275,7 +276,7 @@ class Object:
         err = libbpf.int_error(lib().bpf_object__load(self._ptr))
         if err:
             raise BpfError(f"loading {self.path} failed: {lib().strerror(err)} "
-                           "(run with --log-level debug for the verifier log)")
+                           "(--log-level info shows libbpf's log and the verifier's)")
         self.loaded = True
 
     def attach(self, names=None) -> List[Link]:

@@ -43,6 +43,7 @@ def monitor(
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write events to FILE instead of stdout."),
     ebpf: Optional[str] = typer.Option(None, "--ebpf", help="Use this BPF object instead of the packaged one."),
     ringbuf_size: Optional[int] = typer.Option(None, "--ringbuf-size", help="Ring buffer bytes (power of 2)."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="Enforce this policy (YAML) in the kernel."),
     command: List[str] = typer.Argument(None, metavar="[-- COMMAND [ARGS]...]"),
 ) -> None:
     """Stream the events of a process tree, a cgroup, or a command started in scope."""
@@ -52,7 +53,11 @@ def monitor(
         raise UsageError(f"--format: invalid value {fmt!r} (choose json or text)")
     if ringbuf_size is not None and (ringbuf_size < 4096 or ringbuf_size & (ringbuf_size - 1)):
         raise UsageError(f"--ringbuf-size: {ringbuf_size} must be a power of 2 and at least 4096")
-    opts = MonitorOptions(scope=Scope(pids=tuple(pid), cgroup=cgroup, all=all_), command=tuple(command or ()),
+    pol = None
+    if policy:
+        from assay.policy import load_policy, resolve_hosts
+        pol = resolve_hosts(load_policy(policy))
+    opts = MonitorOptions(policy=pol, scope=Scope(pids=tuple(pid), cgroup=cgroup, all=all_), command=tuple(command or ()),
                           duration=parse_duration(duration) if duration else None, fmt=fmt, output=output,
                           ebpf=ebpf, ringbuf_size=ringbuf_size)
     mon = Monitor(opts)
@@ -75,6 +80,30 @@ def monitor(
     raise typer.Exit(code)
 
 
+@policy_app.command("validate")
+def policy_validate(
+    file: str = typer.Argument(..., help="Policy YAML file."),
+    resolve: bool = typer.Option(False, "--resolve", help="Also resolve host names and rule paths to inodes."),
+) -> None:
+    """Check a policy strictly, without loading anything into the kernel (exit 1 on any error)."""
+    from assay import enforce
+    from assay.policy import load_policy, resolve_hosts
+
+    pol = load_policy(file)
+    counts = {}
+    for r in pol.rules:
+        counts[r.type] = counts.get(r.type, 0) + 1
+    if resolve:
+        pol = resolve_hosts(pol)
+        plan = enforce.plan(pol)
+        for note in plan.notes:
+            typer.echo(f"note: {note}")
+        for host, addrs in pol.resolved_hosts().items():
+            typer.echo(f"note: {host} resolved to {', '.join(addrs)}")
+    per = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
+    typer.echo(f"{file}: OK: policy {pol.name!r}, {len(pol.rules)} rules ({per})")
+
+
 @app.command()
 def doctor(
     fmt: str = typer.Option("text", "--format", help="text or json."),
@@ -89,6 +118,78 @@ def doctor(
     checks = doc.run_checks(ebpf or default_object_path())
     typer.echo(json.dumps(doc.as_dict(checks), indent=2) if fmt == "json" else doc.as_text(checks))
     raise typer.Exit(doc.verdict(checks))
+
+
+profile_app = typer.Typer(no_args_is_help=True, help="Learning mode: merge recorded runs into a stability profile.")
+app.add_typer(profile_app, name="profile")
+DEFAULT_PROFILE = "assay-profile.yaml"
+
+
+@profile_app.command("init")
+def profile_init_cmd(
+    profile: str = typer.Option(DEFAULT_PROFILE, "--profile", help="Profile file to create."),
+    name: Optional[str] = typer.Option(None, "--name", help="Profile name (default: the file's stem)."),
+) -> None:
+    """Create an empty learning profile; refuses to overwrite an existing one."""
+    from assay import learning
+
+    prof = learning.profile_init(profile, name)
+    typer.echo(f"created profile {prof.name!r} at {profile}")
+
+
+@profile_app.command("update")
+def profile_update_cmd(
+    profile: str = typer.Option(DEFAULT_PROFILE, "--profile", help="Profile file to merge into."),
+    input_: str = typer.Option(..., "--input", "-i", help="Run record from `assay monitor --record`."),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="Merge under this run id, not the header's."),
+    force: bool = typer.Option(False, "--force", help="Merge even if the config fingerprint differs."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 if the run id is already merged."),
+) -> None:
+    """Merge one recorded run into the profile (idempotent, locked, atomic)."""
+    from assay import learning
+
+    typer.echo(learning.profile_update(profile, input_, run_id=run_id, force=force, strict=strict).message)
+
+
+@profile_app.command("show")
+def profile_show_cmd(
+    profile: str = typer.Option(DEFAULT_PROFILE, "--profile", help="Profile file to show."),
+    fmt: str = typer.Option("text", "--format", help="text, json or yaml."),
+    wilson_z: float = typer.Option(1.96, "--wilson-z", help="z of the Wilson lower bound shown."),
+) -> None:
+    """Each entry's runs seen out of total runs, and its Wilson lower bound."""
+    from assay import learning
+
+    typer.echo(learning.show_profile(learning.load_profile(profile), fmt, wilson_z), nl=False)
+
+
+@app.command()
+def generate(
+    profile: str = typer.Option(DEFAULT_PROFILE, "--profile", help="Profile to generate from."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the policy here (default stdout)."),
+    min_stability: float = typer.Option(0.7, "--min-stability", help="Wilson bound needed to allow an item."),
+    review_threshold: float = typer.Option(0.6, "--review-threshold", help="Below --min-stability but at least "
+                                                                          "this: listed for review."),
+    min_runs: int = typer.Option(1, "--min-runs", help="Fewer runs than this: nothing is allowed."),
+    new_is_risky: bool = typer.Option(False, "--new-is-risky", help="Below --min-runs, list items for review "
+                                                                     "instead of skipping them."),
+    wilson_z: float = typer.Option(1.96, "--wilson-z", help="z of the Wilson lower bound (1.96: 95%)."),
+    mode: str = typer.Option("audit", "--mode", help="audit (alert) or enforce (deny) outside the allowed set."),
+) -> None:
+    """Write a policy for `assay monitor --policy` from a learning profile; the report goes to stderr."""
+    from assay import learning
+
+    text, report = learning.generate(learning.load_profile(profile), min_stability=min_stability,
+                                     review_threshold=review_threshold, min_runs=min_runs,
+                                     new_is_risky=new_is_risky, z=wilson_z, mode=mode)
+    if output:
+        try:
+            learning.atomic_write(output, text.encode("utf-8"))
+        except OSError as e:
+            raise UsageError(f"--output {output}: {e.strerror}") from None
+    else:
+        typer.echo(text, nl=False)
+    typer.echo(report.text(), err=True)
 
 
 def main() -> None:

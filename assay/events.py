@@ -140,6 +140,8 @@ class Decoder:
         ev["rule"] = self.rule_names.get(rule_id, str(rule_id))
         ev["rule_id"] = rule_id
         ev["action"] = ACTION_NAMES.get(action, str(action))
+        if action in (abi.Action.LOG, abi.Action.ALERT):
+            ev["type"] = ev["type"].replace("_blocked", "_alert")  # reported, not denied
 
     def _block(self, typ, data, ev):
         ino, dev, gen, rule_id, action, plen, _pad, _ = self._fields(typ, data)
@@ -175,9 +177,13 @@ def to_text(ev: dict) -> str:
         res = ev.get("error") or ev["ret"]
         host = f"[{ev['addr']}]" if ev["family"] == "inet6" else ev["addr"]
         return f"{who} connect {host}:{ev['port']} = {res}"
-    if t in ("file_blocked", "exec_blocked"):
-        return (f"{who} BLOCKED {t.split('_')[0].upper()} {ev['path']} rule={ev['rule']} "
-                f"action={ev['action']} dev={ev['dev']} ino={ev['ino']}")
-    if t == "net_blocked":
-        return f"{who} BLOCKED CONNECT {ev['addr']}:{ev['port']} rule={ev['rule']} action={ev['action']}"
+    if t in ("file_blocked", "exec_blocked", "file_alert", "exec_alert"):
+        verb = "BLOCKED" if t.endswith("blocked") else "ALERT"
+        return (f"{who} {verb} {t.split('_')[0].upper()} {ev['path']} rule={ev['rule']} "
+                f"action={ev['action']} dev={ev['dev']} ino={ev['ino']} gen={ev['gen']}")
+    if t in ("net_blocked", "net_alert"):
+        verb = "BLOCKED" if t.endswith("blocked") else "ALERT"
+        return f"{who} {verb} CONNECT {ev['addr']}:{ev['port']} rule={ev['rule']} action={ev['action']}"
+    if t == "process_killed":
+        return f"{who} KILLED with {ev['signal']} rule={ev['rule']}"
     return f"{who} {t}"

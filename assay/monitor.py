@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence, TextIO
 import attrs
 import structlog
 
-from assay import abi, events, system
+from assay import abi, enforce, events, system
 from assay.bpf import Object
 from assay.errors import BpfError, UsageError
 
@@ -45,6 +45,7 @@ class MonitorOptions:
     ebpf: Optional[str] = None
     ringbuf_size: Optional[int] = None
     events: tuple = ALL_EVENTS
+    policy: Optional[object] = None   # assay.policy.Policy
 
 
 @attrs.define
@@ -134,6 +135,8 @@ class Monitor:
         self._stop = False
         self._child: Optional[int] = None
         self._out: Optional[TextIO] = None
+        self.plan: Optional[enforce.Plan] = None
+        self._kills: Dict[int, tuple] = {}   # pid -> (pidfd, SIGKILL deadline, rule)
 
     # ------------------------------------------------------------ setup
     def load(self) -> Object:
@@ -149,12 +152,33 @@ class Monitor:
                     p.autoload = False
             if self.opts.ringbuf_size:
                 obj.maps["events"].set_max_entries(self.opts.ringbuf_size)
-            obj.load()
+            try:
+                obj.load()
+            except BpfError as e:
+                if self.enforce:
+                    raise BpfError(f"the kernel refused the enforcement (BPF LSM) programs: {e}; "
+                                   "see `assay doctor`") from None
+                raise
         except BaseException:
             obj.close()
             raise
         self.obj = obj
         return obj
+
+    def prepare_policy(self) -> None:
+        """Resolves rules to inodes before anything is loaded: a bad rule costs nothing (exit 1)."""
+        if self.opts.policy is None:
+            return
+        self.plan = enforce.plan(self.opts.policy)
+        for note in self.plan.notes:
+            log.warning("policy", note=note)
+        self.decoder.rule_names = self.plan.rule_names
+        if self.plan.needs_lsm:
+            self.enforce = True
+            if not system.bpf_lsm_active():
+                raise BpfError("BPF LSM is not active, so the policy cannot be enforced "
+                               f"(active LSMs: {','.join(system.active_lsms()) or 'unknown'}); "
+                               "boot with lsm=...,bpf (see `assay doctor`)")
 
     def configure(self, cgroup_id: Optional[int], extra: Optional[Callable[[abi.Config], None]] = None) -> None:
         cfg = abi.Config()
@@ -164,6 +188,9 @@ class Monitor:
         cfg.monitor_tgid = os.getpid()
         cfg.event_mask = sum(1 << int(t) for t in self.opts.events)
         cfg.enforce = int(self.enforce)
+        if self.plan is not None:
+            enforce.apply(self.plan, self.obj.maps)
+            cfg.file_rules = self.plan.rule_bits("file")
         if extra:
             extra(cfg)
         self.obj.maps["assay_config"].update(ctypes.c_uint32(0), cfg)
@@ -230,6 +257,43 @@ class Monitor:
 
     def _emit(self, data: bytes) -> None:
         ev = self.decoder.decode(data)
+        self._write(ev)
+        if ev.get("action") == "kill_graceful":
+            self._start_graceful_kill(ev)
+
+    def _start_graceful_kill(self, ev: dict) -> None:
+        pid = ev["pid"]
+        if pid in self._kills:
+            return
+        try:
+            pidfd = os.pidfd_open(pid)  # holds the process: a recycled pid is never signalled
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        except (OSError, AttributeError) as e:
+            log.warning("graceful kill failed", pid=pid, error=str(e))
+            return
+        grace = self.plan.kill_graceful.get(ev["rule_id"], 3000) / 1000.0 if self.plan else 3.0
+        self._kills[pid] = (pidfd, time.monotonic() + grace, ev["rule"])
+        self._write(self._kill_event(ev, pid, "SIGTERM"))
+
+    def _kill_event(self, ev: dict, pid: int, sig: str) -> dict:
+        return {"type": "process_killed", "ts": self.decoder.timestamp(time.monotonic_ns()), "pid": pid,
+                "comm": ev.get("comm", ""), "signal": sig, "rule": ev.get("rule", "")}
+
+    def _reap_graceful_kills(self) -> None:
+        now = time.monotonic()
+        for pid, (pidfd, deadline, rule) in list(self._kills.items()):
+            if now < deadline:
+                continue
+            del self._kills[pid]
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                self._write(self._kill_event({"rule": rule}, pid, "SIGKILL"))
+            except ProcessLookupError:
+                pass  # it obeyed SIGTERM in time
+            finally:
+                os.close(pidfd)
+
+    def _write(self, ev: dict) -> None:
         self.summary.counts[ev["type"]] += 1
         if self.on_event is not None:
             self.on_event(ev)
@@ -246,6 +310,7 @@ class Monitor:
         for pid in opts.scope.pids:
             if not os.path.exists(f"/proc/{pid}"):
                 raise UsageError(f"--pid {pid}: no such process")
+        self.prepare_policy()
         cgroup_id = self.resolve_cgroup()
         self.load()
         self._out = out
@@ -270,6 +335,8 @@ class Monitor:
             stop_at = None
             while True:
                 rb.poll(100)
+                if self._kills:
+                    self._reap_graceful_kills()
                 if out is not None:
                     out.flush()
                 if self._child:

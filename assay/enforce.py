@@ -1,0 +1,180 @@
+"""Turns a policy's file and exec rules into inode-identity map entries (seed section 3)."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import stat
+import struct
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import attrs
+
+from assay import abi
+from assay.errors import InputError
+
+FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long)
+
+# Stronger actions win when two rules name the same inode.
+_STRENGTH = {abi.Action.KILL_IMMEDIATE: 5, abi.Action.KILL_GRACEFUL: 4, abi.Action.DENY: 3,
+             abi.Action.ALERT: 2, abi.Action.LOG: 1}
+
+
+@attrs.frozen
+class InodeId:
+    dev: int            # st_dev, the new_encode_dev form
+    ino: int
+    gen: Optional[int]  # None: the filesystem has no generation ioctl (tmpfs, initramfs)
+    is_dir: bool
+
+    def keys(self) -> List[abi.InodeKey]:
+        """Both dev encodings, with the generation and with the gen=0 fallback (seed section 3)."""
+        major, minor = os.major(self.dev), os.minor(self.dev)
+        devs = [self.dev, (major << 20) | minor]
+        gens = [self.gen, 0] if self.gen else [0]
+        out, seen = [], set()
+        for g in gens:
+            for d in devs:
+                if (d, g) not in seen:
+                    seen.add((d, g))
+                    out.append(abi.InodeKey(ino=self.ino, dev=d & 0xFFFFFFFF, gen=g))
+        return out
+
+
+def identify(path: str) -> InodeId:
+    """open(O_PATH|O_NOFOLLOW) then fstat: the identity of exactly this file, never a swapped link."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return InodeId(dev=st.st_dev, ino=st.st_ino, gen=_generation(path, st), is_dir=stat.S_ISDIR(st.st_mode))
+
+
+def _generation(path: str, st: os.stat_result) -> Optional[int]:
+    # ioctls do not work on O_PATH descriptors; reopen only regular files and directories, and
+    # trust the answer only if it is still the same inode.
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError:
+        return None
+    try:
+        st2 = os.fstat(fd)
+        if (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):
+            return None
+        buf = fcntl.ioctl(fd, FS_IOC_GETVERSION, b"\0" * 8)
+        return struct.unpack("<q", buf)[0] & 0xFFFFFFFF
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+@attrs.frozen
+class Entry:
+    map_name: str
+    inode: InodeId
+    rule_index: int
+    action: abi.Action
+    path: str
+
+
+@attrs.frozen
+class Plan:
+    """Everything to write into the maps, plus what to tell the user about how rules are covered."""
+    entries: Tuple[Entry, ...]
+    notes: Tuple[str, ...]
+    rule_names: Dict[int, str]
+    kill_graceful: Dict[int, int]   # rule index -> grace period ms
+
+    def rule_bits(self, prefix: str) -> int:
+        names = {e.map_name for e in self.entries}
+        bits = 0
+        for suffix, bit in (("_deny", abi.RULES_DENY), ("_deny_dirs", abi.RULES_DENY_DIRS),
+                            ("_allow", abi.RULES_ALLOW), ("_allow_dirs", abi.RULES_ALLOW_DIRS)):
+            if prefix + suffix in names:
+                bits |= bit
+        return bits
+
+    @property
+    def needs_lsm(self) -> bool:
+        return bool(self.entries)
+
+
+def rule_action(policy, rule) -> abi.Action:
+    if rule.id in policy.kill_rule_ids():
+        return abi.Action.KILL_IMMEDIATE if policy.kill_switch.mode == "immediate" else abi.Action.KILL_GRACEFUL
+    return {"log": abi.Action.LOG, "alert": abi.Action.ALERT}.get(rule.action, abi.Action.DENY)
+
+
+def _resolve(policy, rule, glob, notes: List[str]) -> Tuple[str, bool]:
+    """(path to identify, subtree) for one glob; a missing path is an error unless allowed."""
+    path, subtree = glob.path, glob.subtree
+    if os.path.islink(path):
+        target = os.path.realpath(path)
+        notes.append(f"rule {rule.id}: {path} is a symbolic link; enforcing its target {target}")
+        path = target
+    if os.path.lexists(path):
+        return path, subtree
+    if not rule.allow_missing:
+        raise policy.error_at(glob, f"rule {rule.id!r}: {glob.path} does not exist; create it, fix the path, "
+                                    "or set `allow_missing: true` to cover it through its nearest existing parent")
+    parent = os.path.dirname(path.rstrip("/")) or "/"
+    while not os.path.isdir(parent):
+        parent = os.path.dirname(parent) or "/"
+    notes.append(f"rule {rule.id}: {glob.path} does not exist; covering it through {parent.rstrip('/')}/** "
+                 "(every file below that directory, present or created later)")
+    return parent, True
+
+
+def plan(policy, rule_types: Iterable[str] = ("file_open", "proc_exec")) -> Plan:
+    """Resolves every path of every rule of the given types to inode identities."""
+    entries: List[Entry] = []
+    notes: List[str] = []
+    names: Dict[int, str] = {}
+    graceful: Dict[int, int] = {}
+    prefix = {"file_open": "file", "proc_exec": "exec"}
+    if not policy.enabled:
+        return Plan((), ("runtime_monitor.enabled is false: no rule is enforced",), {}, {})
+    for index, rule in enumerate(policy.rules, start=1):
+        names[index] = rule.id
+        if rule.type not in rule_types:
+            continue
+        action = rule_action(policy, rule)
+        if action is abi.Action.KILL_GRACEFUL:
+            graceful[index] = policy.kill_switch.grace_period_ms
+        if rule.action == "trigger_kill" and not policy.kill_switch.enabled:
+            notes.append(f"rule {rule.id}: action trigger_kill but kill_switch is not enabled; denying only")
+        for globs, kind in ((rule.paths, "deny"), (rule.not_paths, "allow")):
+            for g in globs:
+                path, subtree = _resolve(policy, rule, g, notes)
+                try:
+                    ident = identify(path)
+                except OSError as e:
+                    raise policy.error_at(g, f"rule {rule.id!r}: cannot open {path}: "
+                                             f"{e.strerror or errno.errorcode.get(e.errno)}") from None
+                if subtree and not ident.is_dir:
+                    raise policy.error_at(g, f"rule {rule.id!r}: {g.path} is a subtree rule but {path} "
+                                             "is not a directory")
+                m = f"{prefix[rule.type]}_{kind}" + ("_dirs" if subtree else "")
+                entries.append(Entry(m, ident, index, action, path))
+    return Plan(tuple(entries), tuple(notes), names, graceful)
+
+
+def apply(plan_: Plan, maps: Dict[str, object]) -> int:
+    """Writes the plan into the maps (strongest action first wins); returns keys written."""
+    written = 0
+    best: Dict[Tuple[str, bytes], abi.RuleRef] = {}
+    for e in plan_.entries:
+        for k in e.inode.keys():
+            kb = bytes(k)
+            cur = best.get((e.map_name, kb))
+            if cur is None or _STRENGTH[e.action] > _STRENGTH[abi.Action(cur.action)]:
+                best[(e.map_name, kb)] = abi.RuleRef(rule_id=e.rule_index, action=int(e.action))
+    for (map_name, kb), ref in best.items():
+        maps[map_name].update(kb, ref)
+        written += 1
+    return written
