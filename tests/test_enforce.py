@@ -1,0 +1,143 @@
+"""Rule paths to inode keys (seed section 3), map filling speed, and the native fail-closed exit 40."""
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import time
+
+import pytest
+
+from assay import abi, enforce
+from assay.errors import InputError
+from assay.policy import parse_policy
+
+
+def policy(rules_yaml: str, path="p.yaml"):
+    return parse_policy('version: "2.0"\nname: t\nruntime_monitor:\n  enabled: true\n  rules:\n' + rules_yaml, path)
+
+
+def test_keys_cover_both_dev_encodings_and_gen_fallback():
+    dev = os.makedev(259, 300)  # a minor above 255 makes the two encodings differ in every bit group
+    keys = enforce.InodeId(dev=dev, ino=42, gen=7, is_dir=False).keys()
+    got = {(k.dev, k.gen) for k in keys}
+    old = (259 << 20) | 300
+    assert got == {(dev, 7), (old, 7), (dev, 0), (old, 0)}
+    assert all(k.ino == 42 for k in keys)
+    assert dev != old
+    no_gen = enforce.InodeId(dev=dev, ino=42, gen=None, is_dir=False).keys()
+    assert {(k.dev, k.gen) for k in no_gen} == {(dev, 0), (old, 0)}
+
+
+def test_identify_matches_stat(tmp_path):
+    f = tmp_path / "f"
+    f.write_text("x")
+    ident = enforce.identify(str(f))
+    st = os.stat(f)
+    assert (ident.dev, ident.ino, ident.is_dir) == (st.st_dev, st.st_ino, False)
+
+
+def test_identify_does_not_follow_symlinks(tmp_path):
+    (tmp_path / "target").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    assert enforce.identify(str(tmp_path / "link")).ino == os.lstat(tmp_path / "link").st_ino
+
+
+def test_symlink_rule_enforces_target_and_says_so(tmp_path):
+    (tmp_path / "target").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    p = enforce.plan(policy(f"    - id: r\n      type: file_open\n      match: {{ path_globs: ['{tmp_path}/link'] }}\n"
+                            "      action: deny\n"))
+    assert p.entries[0].inode.ino == os.stat(tmp_path / "target").st_ino
+    assert any("symbolic link" in n for n in p.notes)
+
+
+def test_missing_path_is_an_error_with_position(tmp_path):
+    with pytest.raises(InputError) as e:
+        enforce.plan(policy(f"    - id: r\n      type: file_open\n      match: {{ path_globs: ['{tmp_path}/nope'] }}\n"
+                            "      action: deny\n"))
+    assert str(e.value).startswith("p.yaml:8:") and "does not exist" in str(e.value)
+    assert e.value.exit_code == 1
+
+
+def test_missing_path_allowed_is_covered_by_parent_subtree(tmp_path):
+    p = enforce.plan(policy(f"    - id: r\n      type: file_open\n      match: {{ path_globs: ['{tmp_path}/a/nope'] }}\n"
+                            "      action: deny\n      allow_missing: true\n"))
+    (e,) = p.entries
+    assert e.map_name == "file_deny_dirs" and e.inode.ino == os.stat(tmp_path).st_ino
+    assert any(f"{tmp_path}/**" in n for n in p.notes)
+
+
+def test_subtree_on_a_file_is_an_error(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(InputError, match="not a directory"):
+        enforce.plan(policy(f"    - id: r\n      type: file_open\n      match: {{ path_globs: ['{tmp_path}/f/**'] }}\n"
+                            "      action: deny\n"))
+
+
+def test_plan_maps_and_actions(tmp_path):
+    for n in ("a", "b"):
+        (tmp_path / n).write_text(n)
+    (tmp_path / "d" / "pub").mkdir(parents=True)
+    p = enforce.plan(policy(
+        f"    - id: files\n      type: file_open\n      match: {{ path_globs: ['{tmp_path}/a'] }}\n      action: alert\n"
+        f"    - id: tree\n      type: file_open\n      match: {{ path_globs: ['{tmp_path}/d/**', '{tmp_path}/b'],"
+        f" not: {{ path_globs: ['{tmp_path}/d/pub/**'] }} }}\n      action: deny\n"))
+    got = {(e.map_name, os.path.basename(e.path), e.action) for e in p.entries}
+    assert got == {("file_deny", "a", abi.Action.ALERT), ("file_deny_dirs", "d", abi.Action.DENY),
+                   ("file_deny", "b", abi.Action.DENY), ("file_allow_dirs", "pub", abi.Action.DENY)}
+    assert p.rule_bits("file") == abi.RULES_DENY | abi.RULES_DENY_DIRS | abi.RULES_ALLOW_DIRS
+    assert p.rule_names == {1: "files", 2: "tree"}
+
+
+@pytest.mark.root
+def test_ten_thousand_rules_load_fast(tmp_path, obj_path):
+    from assay.bpf import Object
+
+    d = tmp_path / "many"
+    d.mkdir()
+    paths = []
+    for i in range(10000):
+        f = d / f"f{i}"
+        f.write_text("")
+        paths.append(str(f))
+    pol = policy("    - id: many\n      type: file_open\n      match:\n        path_globs:\n" +
+                 "".join(f"          - {p}\n" for p in paths) + "      action: deny\n")
+    with Object(obj_path) as obj:
+        for prog in obj.programs.values():
+            prog.autoload = False
+        obj.load()
+        t0 = time.perf_counter()
+        p = enforce.plan(pol)
+        t1 = time.perf_counter()
+        written = enforce.apply(p, obj.maps)
+        t2 = time.perf_counter()
+        assert written == len(list(obj.maps["file_deny"].keys()))
+        assert obj.maps["file_deny"].lookup(p.entries[123].inode.keys()[0]) is not None
+    # four keys per file with a generation (ext4), two without one (tmpfs)
+    assert written == sum(len(e.inode.keys()) for e in p.entries) >= 2 * 10000
+    print(f"\n10k rules: resolve {t1 - t0:.3f}s, map fill {t2 - t1:.3f}s, total {t2 - t0:.3f}s")
+    assert t2 - t0 < 1.0
+
+
+@pytest.mark.root
+def test_policy_on_this_host_fails_closed_with_40(assay_cmd, tmp_path, obj_path):
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    pol = tmp_path / "p.yaml"
+    pol.write_text('version: "2.0"\nname: t\nruntime_monitor:\n  enabled: true\n  rules:\n'
+                   f"    - id: s\n      type: file_open\n      match: {{ path_globs: ['{secret}'] }}\n"
+                   "      action: deny\n")
+    marker = tmp_path / "ran"
+    p = subprocess.run(assay_cmd + ["monitor", "--policy", str(pol), "--", "touch", str(marker)],
+                       capture_output=True, text=True, timeout=60)
+    from assay import system
+    lsm_loads = subprocess.run(["bpftool", "prog", "loadall", obj_path, "/sys/fs/bpf/assay-t"],
+                               capture_output=True).returncode == 0
+    subprocess.run(["rm", "-rf", "/sys/fs/bpf/assay-t"])
+    if lsm_loads and system.bpf_lsm_active():
+        pytest.skip("this host accepts BPF LSM programs: the fail-closed path is not reachable here")
+    assert p.returncode == 40, p.stderr
+    assert "BPF LSM" in p.stderr and "Traceback" not in p.stderr
+    assert not marker.exists(), "the workload ran although enforcement failed"
+
