@@ -6,7 +6,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import structlog
 
-from assay import libbpf
+from assay import libbpf, log as _logsetup  # noqa: F401  (default log level before any CLI setup)
 from assay.errors import BpfError
 
 log = structlog.get_logger("assay.bpf")
@@ -138,6 +138,28 @@ class Map:
         err = libbpf.int_error(lib().bpf_map_update_elem(self.fd, ctypes.byref(k), ctypes.byref(v), flags))
         if err:
             raise BpfError(f"map {self.name}: update failed: {lib().strerror(err)}")
+
+    def update_many(self, items: List[Tuple[bytes, bytes]]) -> None:
+        """Writes many entries in one syscall where the kernel has batch ops (5.6+)."""
+        if not items:
+            return
+        lb = lib()
+        keys = b"".join(k for k, _ in items)
+        values = b"".join(v for _, v in items)
+        if len(keys) != len(items) * self.key_size or len(values) != len(items) * self.value_size:
+            raise ValueError(f"map {self.name}: batch of mis-sized keys or values")
+        if lb.bpf_map_update_batch is not None and not self.is_percpu:
+            count = ctypes.c_uint32(len(items))
+            err = libbpf.int_error(lb.bpf_map_update_batch(self.fd, keys, values, ctypes.byref(count), None))
+            if not err:
+                return
+            if err not in (22, 95, 524):  # EINVAL/EOPNOTSUPP/ENOTSUPP: no batch support, go one by one
+                raise BpfError(f"map {self.name}: batch update failed: {lb.strerror(err)}")
+        fd, fn = self.fd, lb.bpf_map_update_elem
+        for k, v in items:
+            err = libbpf.int_error(fn(fd, k, v, BPF_ANY))
+            if err:
+                raise BpfError(f"map {self.name}: update failed: {lb.strerror(err)}")
 
     def lookup(self, key) -> Optional[bytes]:
         k = _as_buffer(key, self.key_size, "key")

@@ -15,6 +15,8 @@ from assay import abi
 from assay.errors import InputError
 
 FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long)
+_KEY = struct.Struct(abi.struct_format(abi.InodeKey))
+_REF = struct.Struct(abi.struct_format(abi.RuleRef))
 
 # Stronger actions win when two rules name the same inode.
 _STRENGTH = {abi.Action.KILL_IMMEDIATE: 5, abi.Action.KILL_GRACEFUL: 4, abi.Action.DENY: 3,
@@ -28,18 +30,13 @@ class InodeId:
     gen: Optional[int]  # None: the filesystem has no generation ioctl (tmpfs, initramfs)
     is_dir: bool
 
-    def keys(self) -> List[abi.InodeKey]:
-        """Both dev encodings, with the generation and with the gen=0 fallback (seed section 3)."""
+    def keys(self) -> List[bytes]:
+        """Both dev encodings, with the generation and with the gen=0 fallback (seed section 3),
+        packed as struct assay_inode_key."""
         major, minor = os.major(self.dev), os.minor(self.dev)
-        devs = [self.dev, (major << 20) | minor]
-        gens = [self.gen, 0] if self.gen else [0]
-        out, seen = [], set()
-        for g in gens:
-            for d in devs:
-                if (d, g) not in seen:
-                    seen.add((d, g))
-                    out.append(abi.InodeKey(ino=self.ino, dev=d & 0xFFFFFFFF, gen=g))
-        return out
+        devs = (self.dev & 0xFFFFFFFF, ((major << 20) | minor) & 0xFFFFFFFF)
+        gens = (self.gen, 0) if self.gen else (0,)
+        return list(dict.fromkeys(_KEY.pack(self.ino, d, g) for g in gens for d in devs))
 
 
 def identify(path: str) -> InodeId:
@@ -52,10 +49,13 @@ def identify(path: str) -> InodeId:
     return InodeId(dev=st.st_dev, ino=st.st_ino, gen=_generation(path, st), is_dir=stat.S_ISDIR(st.st_mode))
 
 
+_NO_GEN_DEVS: set = set()  # filesystems that answered ENOTTY: no need to ask them again
+
+
 def _generation(path: str, st: os.stat_result) -> Optional[int]:
     # ioctls do not work on O_PATH descriptors; reopen only regular files and directories, and
     # trust the answer only if it is still the same inode.
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)) or st.st_dev in _NO_GEN_DEVS:
         return None
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
@@ -67,7 +67,9 @@ def _generation(path: str, st: os.stat_result) -> Optional[int]:
             return None
         buf = fcntl.ioctl(fd, FS_IOC_GETVERSION, b"\0" * 8)
         return struct.unpack("<q", buf)[0] & 0xFFFFFFFF
-    except OSError:
+    except OSError as e:
+        if e.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
+            _NO_GEN_DEVS.add(st.st_dev)
         return None
     finally:
         os.close(fd)
@@ -166,15 +168,16 @@ def plan(policy, rule_types: Iterable[str] = ("file_open", "proc_exec")) -> Plan
 
 def apply(plan_: Plan, maps: Dict[str, object]) -> int:
     """Writes the plan into the maps (strongest action first wins); returns keys written."""
-    written = 0
-    best: Dict[Tuple[str, bytes], abi.RuleRef] = {}
+    best: Dict[str, Dict[bytes, Tuple[int, int, int]]] = {}
     for e in plan_.entries:
-        for k in e.inode.keys():
-            kb = bytes(k)
-            cur = best.get((e.map_name, kb))
-            if cur is None or _STRENGTH[e.action] > _STRENGTH[abi.Action(cur.action)]:
-                best[(e.map_name, kb)] = abi.RuleRef(rule_id=e.rule_index, action=int(e.action))
-    for (map_name, kb), ref in best.items():
-        maps[map_name].update(kb, ref)
-        written += 1
+        strength = _STRENGTH[e.action]
+        per = best.setdefault(e.map_name, {})
+        for kb in e.inode.keys():
+            cur = per.get(kb)
+            if cur is None or strength > cur[0]:
+                per[kb] = (strength, e.rule_index, int(e.action))
+    written = 0
+    for map_name, per in best.items():
+        maps[map_name].update_many([(kb, _REF.pack(idx, act)) for kb, (_, idx, act) in per.items()])
+        written += len(per)
     return written

@@ -60,6 +60,7 @@ _PROTOTYPES = [
     ("bpf_map__set_max_entries", c_int, [c_void_p, c_uint32], "0.1"),
     ("bpf_map__resize", c_int, [c_void_p, c_uint32], "0.0.1"),
     ("bpf_map_update_elem", c_int, [c_int, c_void_p, c_void_p, c_uint64], "0.0.1"),
+    ("bpf_map_update_batch", c_int, [c_int, c_void_p, c_void_p, ctypes.POINTER(c_uint32), c_void_p], "0.0.8"),
     ("bpf_map_lookup_elem", c_int, [c_int, c_void_p, c_void_p], "0.0.1"),
     ("bpf_map_delete_elem", c_int, [c_int, c_void_p], "0.0.1"),
     ("bpf_map_get_next_key", c_int, [c_int, c_void_p, c_void_p], "0.0.1"),

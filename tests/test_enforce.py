@@ -19,13 +19,13 @@ def policy(rules_yaml: str, path="p.yaml"):
 
 def test_keys_cover_both_dev_encodings_and_gen_fallback():
     dev = os.makedev(259, 300)  # a minor above 255 makes the two encodings differ in every bit group
-    keys = enforce.InodeId(dev=dev, ino=42, gen=7, is_dir=False).keys()
+    keys = [abi.InodeKey.from_buffer_copy(k) for k in enforce.InodeId(dev=dev, ino=42, gen=7, is_dir=False).keys()]
     got = {(k.dev, k.gen) for k in keys}
     old = (259 << 20) | 300
     assert got == {(dev, 7), (old, 7), (dev, 0), (old, 0)}
     assert all(k.ino == 42 for k in keys)
     assert dev != old
-    no_gen = enforce.InodeId(dev=dev, ino=42, gen=None, is_dir=False).keys()
+    no_gen = [abi.InodeKey.from_buffer_copy(k) for k in enforce.InodeId(dev=dev, ino=42, gen=None, is_dir=False).keys()]
     assert {(k.dev, k.gen) for k in no_gen} == {(dev, 0), (old, 0)}
 
 

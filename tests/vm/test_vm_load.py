@@ -29,7 +29,7 @@ def test_trivial_lsm_deny_through_loader(tmp_path):
     with Object(default_object_path()) as obj:
         obj.load()
         for key in enforce.identify(str(target)).keys():
-            obj.maps["file_deny"].update(key, abi.RuleRef(rule_id=1, action=int(abi.Action.DENY)))
+            obj.maps["file_deny"].update(key, bytes(abi.RuleRef(rule_id=1, action=int(abi.Action.DENY))))
         cfg = abi.Config(scope_all=1, monitor_tgid=os.getpid(), enforce=1, file_rules=abi.RULES_DENY)
         obj.maps["assay_config"].update(ctypes.c_uint32(0), cfg)
         got = []
