@@ -139,10 +139,11 @@ EVENT_STRUCTS = {
 _FMT = {u8: "B", u16: "H", u32: "I", u64: "Q", s32: "i", s64: "q"}
 
 
-def struct_format(cls, skip: str = "") -> str:
+def struct_format(cls, skip: str = "", stop: str = "") -> str:
     """A struct module format equal to the ctypes layout (the fast decoding path).
 
-    With skip naming the first field, the format covers only what follows it."""
+    With skip naming the first field, the format covers only what follows it; with stop naming a
+    field, it ends just before that field (and has no tail padding)."""
     out, pos = ["<"], 0
     fields = cls._fields_
     if skip:
@@ -150,6 +151,8 @@ def struct_format(cls, skip: str = "") -> str:
         pos = ctypes.sizeof(fields[0][1])
         fields = fields[1:]
     for name, ctype in fields:
+        if name == stop:
+            return "".join(out)
         off = getattr(cls, name).offset
         if off > pos:
             out.append(f"{off - pos}x")

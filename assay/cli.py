@@ -195,10 +195,7 @@ def generate(
 def main() -> None:
     try:
         rv = app(standalone_mode=False, prog_name="assay")
-    except click.exceptions.NoArgsIsHelpError as e:  # type: ignore[attr-defined]
-        e.show()
-        sys.exit(EXIT_USAGE)
-    except click.exceptions.UsageError as e:
+    except click.exceptions.UsageError as e:  # NoArgsIsHelpError (click 8.2+) is a subclass
         e.show()
         sys.exit(EXIT_USAGE)
     except click.exceptions.Exit as e:

@@ -1,8 +1,8 @@
 """Decoding of ring buffer records into event dicts, and their JSON and text renderings."""
 from __future__ import annotations
 
-import datetime
 import errno
+import functools
 import ipaddress
 import json
 import os
@@ -35,11 +35,17 @@ def _escape_char(m: "re.Match") -> str:
     return f"\\x{c - 0xDC00 if c >= 0xDC80 else c:02x}"
 
 
+_ONLY_PRINTABLE_ASCII = re.compile(rb"[\x20-\x5b\x5d-\x7e]*\Z")
+
+
 def clean(raw: bytes) -> str:
     """Kernel strings are untrusted: invalid UTF-8 and control characters become \\xNN escapes."""
+    if _ONLY_PRINTABLE_ASCII.match(raw):  # the common case, and the hot path
+        return raw.decode("ascii")
     return _UNSAFE.sub(_escape_char, raw.decode("utf-8", "surrogateescape"))
 
 
+@functools.lru_cache(maxsize=256)
 def open_flags(flags: int) -> str:
     acc = flags & 3
     names = ["O_WRONLY" if acc == 1 else "O_RDWR" if acc == 2 else "O_RDONLY"]
@@ -71,10 +77,13 @@ class Decoder:
         # ktime_get_ns() is CLOCK_MONOTONIC; this offset maps it to wall-clock time.
         self._wall_offset = time.time() - time.monotonic()
         self.rule_names: Mapping[int, str] = rule_names or {}
-        self._body = {t: struct.Struct(abi.struct_format(cls, skip="hdr")) for t, cls in abi.EVENT_STRUCTS.items()}
+        # Variable-length records: the fixed part stops before the trailing path.
+        self._body = {t: struct.Struct(abi.struct_format(cls, skip="hdr", stop="path"))
+                      for t, cls in abi.EVENT_STRUCTS.items()}
         self._hsize = abi.HEADER_SIZE
         self._path_off = {t: getattr(cls, "path").offset for t, cls in abi.EVENT_STRUCTS.items()
                           if hasattr(cls, "path")}
+        self._sec, self._sec_text = -1, ""
         self._decoders: Dict[int, Callable] = {
             EventType.EXEC: self._exec, EventType.EXIT: self._exit, EventType.FORK: self._fork,
             EventType.OPEN: self._open, EventType.CONNECT: self._connect,
@@ -83,8 +92,12 @@ class Decoder:
         }
 
     def timestamp(self, ts_ns: int) -> str:
-        t = datetime.datetime.fromtimestamp(ts_ns / 1e9 + self._wall_offset, datetime.timezone.utc)
-        return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        """RFC 3339 UTC with microseconds; the seconds part is formatted once per second."""
+        us = int(ts_ns / 1000 + self._wall_offset * 1e6)
+        sec, frac = divmod(us, 1_000_000)
+        if sec != self._sec:
+            self._sec, self._sec_text = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self._sec_text}.{frac:06d}Z"
 
     def decode(self, data: bytes) -> dict:
         if len(data) < self._hsize:
@@ -99,11 +112,7 @@ class Decoder:
         return ev
 
     def _fields(self, typ: int, data: bytes) -> tuple:
-        body = self._body[typ]
-        if len(data) >= self._hsize + body.size:
-            return body.unpack_from(data, self._hsize)
-        # Variable-length records end early: pad so the fixed part still unpacks.
-        return body.unpack_from(data + bytes(self._hsize + body.size - len(data)), self._hsize)
+        return self._body[typ].unpack_from(data, self._hsize)
 
     def _path(self, typ: int, data: bytes, length: int) -> str:
         off = self._path_off[typ]
@@ -123,7 +132,7 @@ class Decoder:
         ev["child_pid"] = self._fields(typ, data)[0]
 
     def _open(self, typ, data, ev):
-        ret, dfd, flags, mode, syscall, plen, _ = self._fields(typ, data)
+        ret, dfd, flags, mode, syscall, plen = self._fields(typ, data)
         ev.update(syscall=SYSCALLS.get(syscall, str(syscall)), path=self._path(typ, data, plen),
                   flags=open_flags(flags), ret=ret, dfd=dfd)
         if ret < 0:
@@ -144,7 +153,7 @@ class Decoder:
             ev["type"] = ev["type"].replace("_blocked", "_alert")  # reported, not denied
 
     def _block(self, typ, data, ev):
-        ino, dev, gen, rule_id, action, plen, _pad, _ = self._fields(typ, data)
+        ino, dev, gen, rule_id, action, plen, _pad = self._fields(typ, data)
         self._rule(ev, rule_id, action)
         ev.update(path=self._path(typ, data, plen), dev=dev, ino=ino, gen=gen)
 
