@@ -44,6 +44,8 @@ def monitor(
     ebpf: Optional[str] = typer.Option(None, "--ebpf", help="Use this BPF object instead of the packaged one."),
     ringbuf_size: Optional[int] = typer.Option(None, "--ringbuf-size", help="Ring buffer bytes (power of 2)."),
     policy: Optional[str] = typer.Option(None, "--policy", help="Enforce this policy (YAML) in the kernel."),
+    record: Optional[str] = typer.Option(None, "--record", help="Write the run's behaviour for learning mode."),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="Run id for --record (default: generated)."),
     command: List[str] = typer.Argument(None, metavar="[-- COMMAND [ARGS]...]"),
 ) -> None:
     """Stream the events of a process tree, a cgroup, or a command started in scope."""
@@ -60,7 +62,16 @@ def monitor(
     opts = MonitorOptions(policy=pol, scope=Scope(pids=tuple(pid), cgroup=cgroup, all=all_), command=tuple(command or ()),
                           duration=parse_duration(duration) if duration else None, fmt=fmt, output=output,
                           ebpf=ebpf, ringbuf_size=ringbuf_size)
-    mon = Monitor(opts)
+    recorder = None
+    if record:
+        from assay import learning
+        from assay.policy import policy_digest
+        recorder = learning.RunRecorder(record, learning.fingerprint(
+            policy_digest(pol) if pol else None, opts.scope.fingerprint_options(opts.command),
+            ["file_open", "net_connect", "proc_exec"]), run_id=run_id)
+    elif run_id:
+        raise UsageError("--run-id needs --record")
+    mon = Monitor(opts, on_event=recorder.feed if recorder else None)
     try:
         out = open(output, "w", buffering=1) if output else sys.stdout
     except OSError as e:
@@ -73,6 +84,10 @@ def monitor(
         s = mon.summary
         if mon.obj is None:  # failed before loading: the error says it all
             raise
+        if recorder is not None:
+            run = recorder.write()
+            print(f"assay: recorded {len(run.items)} distinct items to {record} (run id {run.header.run_id})",
+                  file=sys.stderr)
         print(json.dumps({"summary": s.as_dict()}) if fmt == "json" else s.as_text(), file=sys.stderr)
         if s.dropped:
             print(f"assay: WARNING: {s.dropped} events were dropped (ring buffer full); "

@@ -34,6 +34,11 @@ class Scope:
     cgroup: Optional[str] = None
     all: bool = False
 
+    def fingerprint_options(self, command: Sequence[str]) -> dict:
+        """What defines the scope across runs (never pids, which change every run)."""
+        return {"pids": bool(self.pids), "cgroup": self.cgroup, "all": self.all,
+                "command": list(command)}
+
 
 @attrs.frozen
 class MonitorOptions:

@@ -10,6 +10,7 @@
 #define SIGKILL 9
 #define AF_INET 2
 #define AF_INET6 10
+#define FMODE_EXEC 0x20
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -534,6 +535,10 @@ int BPF_PROG(assay_file_open, struct file *file, int ret)
 	if (ret || !cfg || !cfg->enforce || !cfg->file_rules)
 		return ret;
 	if (!in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
+		return 0;
+	/* The kernel's own opens for execve (the binary, its ELF interpreter) are proc_exec's
+	 * business: file rules govern what a process opens, not what it runs. */
+	if (BPF_CORE_READ(file, f_mode) & FMODE_EXEC)
 		return 0;
 
 	struct inode *inode = BPF_CORE_READ(file, f_inode);
