@@ -13,6 +13,8 @@ WALK_DEPTH = 48
 CGROUP_DEPTH = 32
 
 RULES_DENY, RULES_DENY_DIRS, RULES_ALLOW, RULES_ALLOW_DIRS = 1, 2, 4, 8
+NET_DENY4, NET_DENY6, NET_ALLOW4, NET_ALLOW6 = 1, 2, 4, 8
+NET_RANGES = 8
 
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 s32, s64 = ctypes.c_int32, ctypes.c_int64
@@ -61,7 +63,24 @@ ENUMS = {
 
 class Config(ctypes.Structure):
     _fields_ = [("scope_all", u32), ("scope_cgroup", u32), ("cgroup_id", u64),
-                ("monitor_tgid", u32), ("event_mask", u32), ("enforce", u32), ("file_rules", u32)]
+                ("monitor_tgid", u32), ("event_mask", u32), ("enforce", u32), ("file_rules", u32),
+                ("exec_rules", u32), ("net_rules", u32)]
+
+
+class Lpm4Key(ctypes.Structure):
+    _fields_ = [("prefixlen", u32), ("addr", u8 * 4)]
+
+
+class Lpm6Key(ctypes.Structure):
+    _fields_ = [("prefixlen", u32), ("addr", u8 * 16)]
+
+
+class PortRange(ctypes.Structure):
+    _fields_ = [("lo", u16), ("hi", u16), ("rule_id", u32), ("action", u32)]
+
+
+class NetValue(ctypes.Structure):
+    _fields_ = [("count", u32), ("ranges", PortRange * NET_RANGES)]
 
 
 class InodeKey(ctypes.Structure):
@@ -114,6 +133,10 @@ class NetBlockEvent(ctypes.Structure):
 STRUCTS = {
     "assay_config": Config,
     "assay_inode_key": InodeKey,
+    "assay_lpm4_key": Lpm4Key,
+    "assay_lpm6_key": Lpm6Key,
+    "assay_port_range": PortRange,
+    "assay_net_value": NetValue,
     "assay_rule_ref": RuleRef,
     "assay_event_header": EventHeader,
     "assay_exec_event": ExecEvent,

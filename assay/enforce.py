@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import ipaddress
 import os
 import stat
 import struct
@@ -181,3 +182,90 @@ def apply(plan_: Plan, maps: Dict[str, object]) -> int:
         maps[map_name].update_many([(kb, _REF.pack(idx, act)) for kb, (_, idx, act) in per.items()])
         written += len(per)
     return written
+
+
+# ---------------------------------------------------------------- net_connect rules
+
+_ANY4 = ipaddress.ip_network("0.0.0.0/0")
+_ANY6 = ipaddress.ip_network("::/0")
+
+
+@attrs.frozen
+class NetItem:
+    network: object      # IPv4Network | IPv6Network
+    lo: int
+    hi: int
+    rule_index: int
+    action: abi.Action
+
+
+def _net_items(policy, rule, index: int, dests) -> List[NetItem]:
+    action = rule_action(policy, rule)
+    out = []
+    for d in dests:
+        nets = [d.network] if d.network is not None else [_ANY4, _ANY6]
+        for n in nets:
+            out.append(NetItem(n, d.port_lo, d.port_hi, index, action))
+    return out
+
+
+def _closed_values(policy, items: List[NetItem], rule_of: Dict[int, object]) -> Dict[bytes, bytes]:
+    """LPM key -> value holding every range of every prefix covering the key's prefix, strongest
+    first, so the single longest-prefix match the kernel makes sees all that applies."""
+    out: Dict[bytes, bytes] = {}
+    for net in {i.network for i in items}:
+        applicable = sorted((i for i in items if i.network.version == net.version and net.subnet_of(i.network)),
+                            key=lambda i: (-_STRENGTH[i.action], i.rule_index, i.lo))
+        if len(applicable) > abi.NET_RANGES:
+            raise policy.error_at(rule_of[applicable[abi.NET_RANGES].rule_index],
+                                  f"more than {abi.NET_RANGES} address/port items apply to {net}; "
+                                  "merge port ranges or split the rule")
+        val = abi.NetValue(count=len(applicable))
+        for j, i in enumerate(applicable):
+            val.ranges[j] = abi.PortRange(lo=i.lo, hi=i.hi, rule_id=i.rule_index, action=int(i.action))
+        if net.version == 4:
+            key = abi.Lpm4Key(prefixlen=net.prefixlen)
+            key.addr[:] = list(net.network_address.packed)
+        else:
+            key = abi.Lpm6Key(prefixlen=net.prefixlen)
+            key.addr[:] = list(net.network_address.packed)
+        out[bytes(key)] = bytes(val)
+    return out
+
+
+@attrs.frozen
+class NetPlan:
+    maps: Dict[str, Dict[bytes, bytes]]   # map name -> {key: value}
+
+    @property
+    def bits(self) -> int:
+        names = {"net_deny4": abi.NET_DENY4, "net_deny6": abi.NET_DENY6,
+                 "net_allow4": abi.NET_ALLOW4, "net_allow6": abi.NET_ALLOW6}
+        return sum(bit for name, bit in names.items() if self.maps.get(name))
+
+
+def plan_net(policy) -> NetPlan:
+    """net_connect rules (host names already resolved) to LPM trie entries."""
+    deny: List[NetItem] = []
+    allow: List[NetItem] = []
+    rule_of = {}
+    if policy.enabled:
+        for index, rule in enumerate(policy.rules, start=1):
+            if rule.type != "net_connect":
+                continue
+            rule_of[index] = rule
+            deny += _net_items(policy, rule, index, rule.dests)
+            allow += _net_items(policy, rule, index, rule.not_dests)
+    maps = {}
+    for kind, items in (("deny", deny), ("allow", allow)):
+        for version in (4, 6):
+            sel = [i for i in items if i.network.version == version]
+            maps[f"net_{kind}{version}"] = _closed_values(policy, sel, rule_of) if sel else {}
+    return NetPlan(maps)
+
+
+def apply_net(plan_: NetPlan, maps: Dict[str, object]) -> int:
+    for name, entries in plan_.maps.items():
+        for k, v in entries.items():
+            maps[name].update(k, v)  # LPM tries have no batch update
+    return sum(len(e) for e in plan_.maps.values())

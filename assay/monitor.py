@@ -141,6 +141,7 @@ class Monitor:
         self._child: Optional[int] = None
         self._out: Optional[TextIO] = None
         self.plan: Optional[enforce.Plan] = None
+        self.net_plan: Optional[enforce.NetPlan] = None
         self._kills: Dict[int, tuple] = {}   # pid -> (pidfd, SIGKILL deadline, rule)
 
     # ------------------------------------------------------------ setup
@@ -175,10 +176,13 @@ class Monitor:
         if self.opts.policy is None:
             return
         self.plan = enforce.plan(self.opts.policy)
+        self.net_plan = enforce.plan_net(self.opts.policy)
         for note in self.plan.notes:
-            log.warning("policy", note=note)
+            print(f"assay: note: {note}", file=sys.stderr)
+        for host, addrs in self.opts.policy.resolved_hosts().items():
+            print(f"assay: note: {host} resolved to {', '.join(addrs)}", file=sys.stderr)
         self.decoder.rule_names = self.plan.rule_names
-        if self.plan.needs_lsm:
+        if self.plan.needs_lsm or self.net_plan.bits:
             self.enforce = True
             if not system.bpf_lsm_active():
                 raise BpfError("BPF LSM is not active, so the policy cannot be enforced "
@@ -195,7 +199,10 @@ class Monitor:
         cfg.enforce = int(self.enforce)
         if self.plan is not None:
             enforce.apply(self.plan, self.obj.maps)
+            enforce.apply_net(self.net_plan, self.obj.maps)
             cfg.file_rules = self.plan.rule_bits("file")
+            cfg.exec_rules = self.plan.rule_bits("exec")
+            cfg.net_rules = self.net_plan.bits
         if extra:
             extra(cfg)
         self.obj.maps["assay_config"].update(ctypes.c_uint32(0), cfg)

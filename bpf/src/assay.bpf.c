@@ -90,6 +90,24 @@ INODE_MAP(file_deny);
 INODE_MAP(file_deny_dirs);
 INODE_MAP(file_allow);
 INODE_MAP(file_allow_dirs);
+INODE_MAP(exec_deny);
+INODE_MAP(exec_deny_dirs);
+INODE_MAP(exec_allow);
+INODE_MAP(exec_allow_dirs);
+
+#define LPM_MAP(name, keytype)                               \
+	struct {                                             \
+		__uint(type, BPF_MAP_TYPE_LPM_TRIE);         \
+		__uint(max_entries, 16384);                  \
+		__uint(map_flags, BPF_F_NO_PREALLOC);        \
+		__type(key, keytype);                        \
+		__type(value, struct assay_net_value);       \
+	} name SEC(".maps")
+
+LPM_MAP(net_deny4, struct assay_lpm4_key);
+LPM_MAP(net_deny6, struct assay_lpm6_key);
+LPM_MAP(net_allow4, struct assay_lpm4_key);
+LPM_MAP(net_allow6, struct assay_lpm6_key);
 
 /* Keep the ABI enums and structs in the object's BTF, so userspace can check its mirror. */
 struct assay_btf_anchor {
@@ -101,6 +119,9 @@ struct assay_btf_anchor {
 	struct assay_fork_event fork;
 	struct assay_connect_event connect;
 	struct assay_net_block_event net_block;
+	struct assay_lpm4_key l4;
+	struct assay_lpm6_key l6;
+	struct assay_net_value nv;
 };
 struct assay_btf_anchor *assay_btf_anchor_unused __attribute__((unused));
 
@@ -527,6 +548,30 @@ static __always_inline int act(struct assay_rule_ref *rule)
 	}
 }
 
+/* The inode-identity decision shared by file and exec rules. */
+static __always_inline int check_inode(const struct assay_config *cfg, __u32 rules, void *deny, void *deny_dirs,
+				       void *allow, void *allow_dirs, struct file *file, enum assay_event_type type)
+{
+	struct inode *inode = BPF_CORE_READ(file, f_inode);
+	struct dentry *d = BPF_CORE_READ(file, f_path.dentry);
+	struct vfsmount *mnt = BPF_CORE_READ(file, f_path.mnt);
+	struct assay_rule_ref *rule = NULL;
+
+	if (rules & ASSAY_RULES_DENY)
+		rule = lookup_inode(deny, inode);
+	if (!rule && (rules & ASSAY_RULES_DENY_DIRS))
+		rule = lookup_ancestors(deny_dirs, d, mnt);
+	if (!rule)
+		return 0;
+	/* A `not` exception wins over any deny. */
+	if ((rules & ASSAY_RULES_ALLOW) && lookup_inode(allow, inode))
+		return 0;
+	if ((rules & ASSAY_RULES_ALLOW_DIRS) && lookup_ancestors(allow_dirs, d, mnt))
+		return 0;
+	emit_block(type, rule, inode, d, mnt);
+	return act(rule);
+}
+
 SEC("lsm/file_open")
 int BPF_PROG(assay_file_open, struct file *file, int ret)
 {
@@ -540,24 +585,111 @@ int BPF_PROG(assay_file_open, struct file *file, int ret)
 	 * business: file rules govern what a process opens, not what it runs. */
 	if (BPF_CORE_READ(file, f_mode) & FMODE_EXEC)
 		return 0;
+	return check_inode(cfg, cfg->file_rules, &file_deny, &file_deny_dirs, &file_allow, &file_allow_dirs,
+			   file, ASSAY_EV_FILE_BLOCKED);
+}
 
-	struct inode *inode = BPF_CORE_READ(file, f_inode);
-	struct dentry *d = BPF_CORE_READ(file, f_path.dentry);
-	struct vfsmount *mnt = BPF_CORE_READ(file, f_path.mnt);
-	struct assay_rule_ref *rule = NULL;
-	__u32 rules = cfg->file_rules;
+/* Runs once per binary handler stage: first with the file execve named (a #! script is
+ * judged by its own inode), then again with its interpreter. */
+SEC("lsm/bprm_check_security")
+int BPF_PROG(assay_bprm_check, struct linux_binprm *bprm, int ret)
+{
+	struct assay_config *cfg = get_config();
 
-	if (rules & ASSAY_RULES_DENY)
-		rule = lookup_inode(&file_deny, inode);
-	if (!rule && (rules & ASSAY_RULES_DENY_DIRS))
-		rule = lookup_ancestors(&file_deny_dirs, d, mnt);
-	if (!rule)
+	if (ret || !cfg || !cfg->enforce || !cfg->exec_rules)
+		return ret;
+	if (!in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
 		return 0;
-	/* A `not` exception wins over any deny. */
-	if ((rules & ASSAY_RULES_ALLOW) && lookup_inode(&file_allow, inode))
+	return check_inode(cfg, cfg->exec_rules, &exec_deny, &exec_deny_dirs, &exec_allow, &exec_allow_dirs,
+			   BPF_CORE_READ(bprm, file), ASSAY_EV_EXEC_BLOCKED);
+}
+
+/* ---------------------------------------------------------------- LSM: connect enforcement */
+
+static __always_inline struct assay_port_range *port_match(struct assay_net_value *v, __u16 port)
+{
+	if (!v)
+		return NULL;
+	for (int i = 0; i < ASSAY_NET_RANGES; i++) {
+		if (i >= v->count)
+			break;
+		if (port >= v->ranges[i].lo && port <= v->ranges[i].hi)
+			return &v->ranges[i];
+	}
+	return NULL;
+}
+
+static __always_inline void emit_net_block(struct assay_port_range *r, __u16 family, __u16 port, __u16 proto,
+					   const void *addr, __u32 addr_len)
+{
+	struct assay_net_block_event ev = {};
+
+	fill_header(&ev.hdr, ASSAY_EV_NET_BLOCKED);
+	ev.rule_id = r->rule_id;
+	ev.action = r->action;
+	ev.family = family;
+	ev.port = port;
+	ev.protocol = proto;
+	bpf_probe_read_kernel(ev.addr, addr_len & 31, addr);
+	emit(&ev, sizeof(ev));
+}
+
+SEC("lsm/socket_connect")
+int BPF_PROG(assay_socket_connect, struct socket *sock, struct sockaddr *address, int addrlen, int ret)
+{
+	struct assay_config *cfg = get_config();
+
+	if (ret || !cfg || !cfg->enforce || !cfg->net_rules)
+		return ret;
+	if (!in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
 		return 0;
-	if ((rules & ASSAY_RULES_ALLOW_DIRS) && lookup_ancestors(&file_allow_dirs, d, mnt))
+
+	__u16 family = BPF_CORE_READ(address, sa_family);
+	__u16 proto = BPF_CORE_READ(sock, sk, sk_protocol);
+	struct assay_lpm4_key k4 = {.prefixlen = 32};
+	struct assay_lpm6_key k6 = {.prefixlen = 128};
+	struct assay_port_range *deny = NULL;
+	__u16 port;
+	bool v4;
+
+	if (family == AF_INET) {
+		struct sockaddr_in *sin = (struct sockaddr_in *)address;
+		port = __builtin_bswap16(BPF_CORE_READ(sin, sin_port));
+		bpf_probe_read_kernel(k4.addr, 4, &sin->sin_addr);
+		v4 = true;
+	} else if (family == AF_INET6) {
+		struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)address;
+		port = __builtin_bswap16(BPF_CORE_READ(sin6, sin6_port));
+		bpf_probe_read_kernel(k6.addr, 16, &sin6->sin6_addr);
+		/* ::ffff:a.b.c.d is an IPv4 peer: judge it by the IPv4 rules, so it is no way around them. */
+		v4 = !k6.addr[0] && !k6.addr[1] && !k6.addr[2] && !k6.addr[3] && !k6.addr[4] && !k6.addr[5] &&
+		     !k6.addr[6] && !k6.addr[7] && !k6.addr[8] && !k6.addr[9] && k6.addr[10] == 0xff &&
+		     k6.addr[11] == 0xff;
+		if (v4)
+			__builtin_memcpy(k4.addr, &k6.addr[12], 4);
+	} else {
 		return 0;
-	emit_block(ASSAY_EV_FILE_BLOCKED, rule, inode, d, mnt);
-	return act(rule);
+	}
+
+	if (v4) {
+		if (cfg->net_rules & ASSAY_NET_DENY4)
+			deny = port_match(bpf_map_lookup_elem(&net_deny4, &k4), port);
+		if (deny && (cfg->net_rules & ASSAY_NET_ALLOW4) &&
+		    port_match(bpf_map_lookup_elem(&net_allow4, &k4), port))
+			return 0;
+	} else {
+		if (cfg->net_rules & ASSAY_NET_DENY6)
+			deny = port_match(bpf_map_lookup_elem(&net_deny6, &k6), port);
+		if (deny && (cfg->net_rules & ASSAY_NET_ALLOW6) &&
+		    port_match(bpf_map_lookup_elem(&net_allow6, &k6), port))
+			return 0;
+	}
+	if (!deny)
+		return 0;
+	if (v4)
+		emit_net_block(deny, AF_INET, port, proto, k4.addr, 4);
+	else
+		emit_net_block(deny, AF_INET6, port, proto, k6.addr, 16);
+	struct assay_rule_ref r = {.rule_id = deny->rule_id, .action = deny->action};
+	return act(&r);
 }

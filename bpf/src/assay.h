@@ -52,7 +52,41 @@ struct assay_config {
 	__u32 monitor_tgid;   /* the monitor itself is never reported or enforced */
 	__u32 event_mask;     /* bit (1 << type) set: that event type is emitted */
 	__u32 enforce;        /* LSM hooks act */
-	__u32 file_rules;     /* bit 0 exact deny, 1 subtree deny, 2 exact allow, 3 subtree allow */
+	__u32 file_rules;     /* ASSAY_RULES_* bits: which file maps hold entries */
+	__u32 exec_rules;     /* same bits, for the exec maps */
+	__u32 net_rules;      /* ASSAY_NET_* bits */
+};
+
+#define ASSAY_NET_DENY4 1
+#define ASSAY_NET_DENY6 2
+#define ASSAY_NET_ALLOW4 4
+#define ASSAY_NET_ALLOW6 8
+
+/* LPM trie keys: prefixlen first, as the kernel requires. */
+struct assay_lpm4_key {
+	__u32 prefixlen;
+	__u8 addr[4];
+};
+
+struct assay_lpm6_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+#define ASSAY_NET_RANGES 8
+
+struct assay_port_range {
+	__u16 lo;
+	__u16 hi;
+	__u32 rule_id;
+	enum assay_action action;
+};
+
+/* Every port range that applies to a prefix, those of its covering prefixes included
+ * (userspace closes the set), so the longest-prefix match alone decides. */
+struct assay_net_value {
+	__u32 count;
+	struct assay_port_range ranges[ASSAY_NET_RANGES];
 };
 
 #define ASSAY_RULES_DENY 1
