@@ -9,7 +9,7 @@ ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 BPF_SRC := $(wildcard bpf/src/*.bpf.c)
 BPF_HDR := $(wildcard bpf/src/*.h)
 BPF_OBJ := $(patsubst bpf/src/%.bpf.c,assay/data/%.bpf.o,$(BPF_SRC))
-APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool qemu-system-x86 debootstrap cpio dpkg-dev rpm2cpio xz-utils zstd
+APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool qemu-system-x86 debootstrap cpio dpkg-dev rpm2cpio xz-utils zstd shellcheck apt-utils
 KERNELS ?=
 
 .PHONY: all deps apt venv bpf wheel test test-host matrix demo bench clean
