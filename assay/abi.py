@@ -50,6 +50,7 @@ class Counter(enum.IntEnum):
 class OpenSyscall(enum.IntEnum):
     OPENAT = 0
     OPENAT2 = 1
+    OPEN = 2
 
 
 # C enum name -> (Python enum, prefix of its C constants)

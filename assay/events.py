@@ -18,7 +18,7 @@ TYPE_NAMES = {t: t.name.lower() for t in EventType}
 ACTION_NAMES = {a: a.name.lower() for a in abi.Action}
 FAMILIES = {2: "inet", 10: "inet6"}
 PROTOCOLS = {6: "tcp", 17: "udp"}
-SYSCALLS = {0: "openat", 1: "openat2"}
+SYSCALLS = {0: "openat", 1: "openat2", 2: "open"}
 
 # Control characters, backslash, and the surrogates that surrogateescape makes of invalid UTF-8.
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\\\\\udc80-\udcff]")

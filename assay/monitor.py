@@ -146,7 +146,8 @@ class Monitor:
 
     # ------------------------------------------------------------ setup
     def load(self) -> Object:
-        if system.ensure_tracefs() is None:
+        tracefs = system.ensure_tracefs()
+        if tracefs is None:
             raise BpfError("tracefs is not available (mount -t tracefs tracefs /sys/kernel/tracing)")
         path = self.opts.ebpf or default_object_path()
         if not os.path.exists(path):
@@ -156,6 +157,9 @@ class Monitor:
             for p in obj.programs.values():
                 if p.is_lsm and not self.enforce:
                     p.autoload = False
+                elif p.section.startswith("tracepoint/") and not os.path.isdir(
+                        os.path.join(tracefs, "events", p.section.split("/", 1)[1])):
+                    p.autoload = False  # e.g. open(2) on arm64: the syscall does not exist there
             if self.opts.ringbuf_size:
                 obj.maps["events"].set_max_entries(self.opts.ringbuf_size)
             try:

@@ -358,6 +358,20 @@ int assay_openat2_exit(struct trace_event_raw_sys_exit *ctx)
 	return open_exit(ctx->ret);
 }
 
+/* Not on every architecture (arm64 has no open(2)): userspace skips these where the
+ * tracepoint does not exist. */
+SEC("tracepoint/syscalls/sys_enter_open")
+int assay_open_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	return open_enter(ASSAY_SYS_OPEN, -100, (const char *)ctx->args[0], ctx->args[1], (__u32)ctx->args[2]);
+}
+
+SEC("tracepoint/syscalls/sys_exit_open")
+int assay_open_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return open_exit(ctx->ret);
+}
+
 /* ---------------------------------------------------------------- connect */
 
 #define KIND_CONNECT 100

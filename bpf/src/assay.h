@@ -43,6 +43,7 @@ enum assay_counter {
 enum assay_open_syscall {
 	ASSAY_SYS_OPENAT = 0,
 	ASSAY_SYS_OPENAT2 = 1,
+	ASSAY_SYS_OPEN = 2,   /* legacy open(2): x86_64 only */
 };
 
 struct assay_config {
