@@ -435,28 +435,38 @@ static __always_inline __u32 new_encode_dev(__u32 s_dev)
 	return (minor & 0xff) | (major << 8) | ((minor & ~0xffU) << 12);
 }
 
+/*
+ * The walks below are global (noinline, non-static) functions: the verifier checks each one once,
+ * on its own, instead of once per path through the caller. Inlined, the nested bounded loops went
+ * past its one-million-instruction limit (E2BIG on 6.1). Global functions take only scalars, so
+ * kernel pointers travel as u64 and are read back with CO-RE probe reads; a match is returned
+ * packed as (rule_id << 32 | action), 0 meaning none.
+ */
+#define PACK(r) (((__u64)(r)->rule_id << 32) | (r)->action)
+
 /* The seed's lookup order: (dev_new, gen), (dev_old, gen), (dev_new, 0), (dev_old, 0). */
-static __always_inline struct assay_rule_ref *lookup_inode(void *map, struct inode *inode)
+static __always_inline __u64 lookup_inode(void *map, struct inode *inode)
 {
 	struct assay_inode_key k = {};
 	struct assay_rule_ref *r;
 	__u32 s_dev = BPF_CORE_READ(inode, i_sb, s_dev);
-	__u32 gen = BPF_CORE_READ(inode, i_generation);
 
 	k.ino = BPF_CORE_READ(inode, i_ino);
 	k.dev = new_encode_dev(s_dev);
-	k.gen = gen;
+	k.gen = BPF_CORE_READ(inode, i_generation);
 	if ((r = bpf_map_lookup_elem(map, &k)))
-		return r;
+		return PACK(r);
 	k.dev = s_dev;
 	if ((r = bpf_map_lookup_elem(map, &k)))
-		return r;
+		return PACK(r);
 	k.gen = 0;
 	k.dev = new_encode_dev(s_dev);
 	if ((r = bpf_map_lookup_elem(map, &k)))
-		return r;
+		return PACK(r);
 	k.dev = s_dev;
-	return bpf_map_lookup_elem(map, &k);
+	if ((r = bpf_map_lookup_elem(map, &k)))
+		return PACK(r);
+	return 0;
 }
 
 static __always_inline struct mount *real_mount(struct vfsmount *m)
@@ -468,18 +478,17 @@ static __always_inline struct mount *real_mount(struct vfsmount *m)
  * Walks the ancestors of a dentry: first inside its filesystem through d_parent (so a bind mount
  * of a subdirectory still reaches the protected directory), then across mount points.
  */
-static __always_inline struct assay_rule_ref *lookup_ancestors(void *map, struct dentry *d,
-							       struct vfsmount *vmnt)
+static __always_inline __u64 lookup_ancestors(void *map, struct dentry *d, struct vfsmount *vmnt)
 {
 	struct mount *mnt = real_mount(vmnt);
-	struct assay_rule_ref *r;
+	__u64 r;
 
 	for (int i = 0; i < ASSAY_WALK_DEPTH; i++) {
 		struct dentry *parent = BPF_CORE_READ(d, d_parent);
 		if (parent == d) {
 			struct mount *up = BPF_CORE_READ(mnt, mnt_parent);
 			if (up == mnt)
-				return NULL;
+				return 0;
 			d = BPF_CORE_READ(mnt, mnt_mountpoint);
 			mnt = up;
 			continue;
@@ -489,16 +498,40 @@ static __always_inline struct assay_rule_ref *lookup_ancestors(void *map, struct
 			return r;
 	}
 	count(ASSAY_CNT_WALK_TRUNC);
-	return NULL;
+	return 0;
 }
 
-/* Writes the path right-aligned into buf, as d_path would show it; returns its start offset. */
-static __always_inline __u32 resolve_path(struct dentry *d, struct vfsmount *vmnt, char *buf)
+#define INODE_LOOKUPS(map)                                                                  \
+	__noinline __u64 assay_lookup_##map(__u64 inode)                                    \
+	{                                                                                   \
+		return lookup_inode(&map, (struct inode *)inode);                           \
+	}                                                                                   \
+	__noinline __u64 assay_ancestors_##map(__u64 dentry, __u64 vfsmount)               \
+	{                                                                                   \
+		return lookup_ancestors(&map, (struct dentry *)dentry, (struct vfsmount *)vfsmount); \
+	}
+
+INODE_LOOKUPS(file_deny)
+INODE_LOOKUPS(file_allow)
+INODE_LOOKUPS(file_deny_dirs)
+INODE_LOOKUPS(file_allow_dirs)
+INODE_LOOKUPS(exec_deny)
+INODE_LOOKUPS(exec_allow)
+INODE_LOOKUPS(exec_deny_dirs)
+INODE_LOOKUPS(exec_allow_dirs)
+
+/* Writes the path, as d_path would show it, right-aligned into the LSM scratch buffer; returns
+ * its start offset there. */
+__noinline __u32 assay_resolve_path(__u64 dentry, __u64 vfsmount)
 {
-	struct mount *mnt = real_mount(vmnt);
+	struct scratch_buf *s = get_scratch(1);
+	struct dentry *d = (struct dentry *)dentry;
+	struct mount *mnt = real_mount((struct vfsmount *)vfsmount);
 	__u32 off = ASSAY_PATH_MAX - 1;
 
-	buf[ASSAY_PATH_MAX - 1] = 0;
+	if (!s)
+		return off;
+	s->path[ASSAY_PATH_MAX - 1] = 0;
 	for (int i = 0; i < ASSAY_WALK_DEPTH; i++) {
 		struct dentry *parent = BPF_CORE_READ(d, d_parent);
 		struct dentry *root = BPF_CORE_READ(mnt, mnt.mnt_root);
@@ -515,21 +548,22 @@ static __always_inline __u32 resolve_path(struct dentry *d, struct vfsmount *vmn
 		if (len >= ASSAY_NAME_MAX || len + 1 > off)
 			break;
 		off -= len;
-		bpf_probe_read_kernel(buf + (off & (ASSAY_PATH_MAX - 1)), len & (ASSAY_NAME_MAX - 1), name);
+		bpf_probe_read_kernel(s->path + (off & (ASSAY_PATH_MAX - 1)), len & (ASSAY_NAME_MAX - 1), name);
 		off -= 1;
-		buf[off & (ASSAY_PATH_MAX - 1)] = '/';
+		s->path[off & (ASSAY_PATH_MAX - 1)] = '/';
 		d = parent;
 	}
 	if (off == ASSAY_PATH_MAX - 1) {
 		off -= 1;
-		buf[off] = '/';
+		s->path[off] = '/';
 	}
 	return off;
 }
 
-static __always_inline void emit_block(enum assay_event_type type, struct assay_rule_ref *rule,
-				       struct inode *inode, struct dentry *d, struct vfsmount *mnt)
+static __always_inline void emit_block(enum assay_event_type type, __u64 rule, struct inode *inode,
+				       struct dentry *d, struct vfsmount *mnt)
 {
+	__u32 off = assay_resolve_path((__u64)d, (__u64)mnt) & (ASSAY_PATH_MAX - 1);
 	struct scratch_buf *s = get_scratch(1);
 	if (!s)
 		return;
@@ -538,19 +572,18 @@ static __always_inline void emit_block(enum assay_event_type type, struct assay_
 	ev->ino = BPF_CORE_READ(inode, i_ino);
 	ev->dev = new_encode_dev(BPF_CORE_READ(inode, i_sb, s_dev));
 	ev->gen = BPF_CORE_READ(inode, i_generation);
-	ev->rule_id = rule->rule_id;
-	ev->action = rule->action;
-	__u32 off = resolve_path(d, mnt, s->path) & (ASSAY_PATH_MAX - 1);
+	ev->rule_id = rule >> 32;
+	ev->action = (__u32)rule;
 	__u32 len = (ASSAY_PATH_MAX - 1 - off) & (ASSAY_PATH_MAX - 1);
 	bpf_probe_read_kernel(ev->path, len, s->path + off);
 	ev->path_len = len;
 	emit(ev, offsetof(struct assay_block_event, path) + len);
 }
 
-/* Applies a matched rule: returns the LSM verdict. */
-static __always_inline int act(struct assay_rule_ref *rule)
+/* Applies a matched rule's action: returns the LSM verdict. */
+static __always_inline int act(__u32 action)
 {
-	switch (rule->action) {
+	switch (action) {
 	case ASSAY_ACT_LOG:
 	case ASSAY_ACT_ALERT:
 		return 0;
@@ -563,28 +596,30 @@ static __always_inline int act(struct assay_rule_ref *rule)
 }
 
 /* The inode-identity decision shared by file and exec rules. */
-static __always_inline int check_inode(const struct assay_config *cfg, __u32 rules, void *deny, void *deny_dirs,
-				       void *allow, void *allow_dirs, struct file *file, enum assay_event_type type)
-{
-	struct inode *inode = BPF_CORE_READ(file, f_inode);
-	struct dentry *d = BPF_CORE_READ(file, f_path.dentry);
-	struct vfsmount *mnt = BPF_CORE_READ(file, f_path.mnt);
-	struct assay_rule_ref *rule = NULL;
-
-	if (rules & ASSAY_RULES_DENY)
-		rule = lookup_inode(deny, inode);
-	if (!rule && (rules & ASSAY_RULES_DENY_DIRS))
-		rule = lookup_ancestors(deny_dirs, d, mnt);
-	if (!rule)
-		return 0;
-	/* A `not` exception wins over any deny. */
-	if ((rules & ASSAY_RULES_ALLOW) && lookup_inode(allow, inode))
-		return 0;
-	if ((rules & ASSAY_RULES_ALLOW_DIRS) && lookup_ancestors(allow_dirs, d, mnt))
-		return 0;
-	emit_block(type, rule, inode, d, mnt);
-	return act(rule);
-}
+#define CHECK_INODE(cfg_rules, prefix, file, type)                                                  \
+	({                                                                                          \
+		struct inode *inode_ = BPF_CORE_READ(file, f_inode);                                \
+		struct dentry *d_ = BPF_CORE_READ(file, f_path.dentry);                             \
+		struct vfsmount *mnt_ = BPF_CORE_READ(file, f_path.mnt);                            \
+		__u32 rules_ = (cfg_rules);                                                         \
+		__u64 rule_ = 0;                                                                    \
+		int verdict_ = 0;                                                                   \
+		if (rules_ & ASSAY_RULES_DENY)                                                      \
+			rule_ = assay_lookup_##prefix##_deny((__u64)inode_);                        \
+		if (!rule_ && (rules_ & ASSAY_RULES_DENY_DIRS))                                     \
+			rule_ = assay_ancestors_##prefix##_deny_dirs((__u64)d_, (__u64)mnt_);        \
+		/* A `not` exception wins over any deny. */                                         \
+		if (rule_ && (rules_ & ASSAY_RULES_ALLOW) && assay_lookup_##prefix##_allow((__u64)inode_)) \
+			rule_ = 0;                                                                  \
+		if (rule_ && (rules_ & ASSAY_RULES_ALLOW_DIRS) &&                                   \
+		    assay_ancestors_##prefix##_allow_dirs((__u64)d_, (__u64)mnt_))                   \
+			rule_ = 0;                                                                  \
+		if (rule_) {                                                                        \
+			emit_block(type, rule_, inode_, d_, mnt_);                                  \
+			verdict_ = act((__u32)rule_);                                               \
+		}                                                                                   \
+		verdict_;                                                                           \
+	})
 
 SEC("lsm/file_open")
 int BPF_PROG(assay_file_open, struct file *file, int ret)
@@ -599,8 +634,7 @@ int BPF_PROG(assay_file_open, struct file *file, int ret)
 	 * business: file rules govern what a process opens, not what it runs. */
 	if (BPF_CORE_READ(file, f_mode) & FMODE_EXEC)
 		return 0;
-	return check_inode(cfg, cfg->file_rules, &file_deny, &file_deny_dirs, &file_allow, &file_allow_dirs,
-			   file, ASSAY_EV_FILE_BLOCKED);
+	return CHECK_INODE(cfg->file_rules, file, file, ASSAY_EV_FILE_BLOCKED);
 }
 
 /* Runs once per binary handler stage: first with the file execve named (a #! script is
@@ -614,8 +648,8 @@ int BPF_PROG(assay_bprm_check, struct linux_binprm *bprm, int ret)
 		return ret;
 	if (!in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
 		return 0;
-	return check_inode(cfg, cfg->exec_rules, &exec_deny, &exec_deny_dirs, &exec_allow, &exec_allow_dirs,
-			   BPF_CORE_READ(bprm, file), ASSAY_EV_EXEC_BLOCKED);
+	struct file *file = BPF_CORE_READ(bprm, file);
+	return CHECK_INODE(cfg->exec_rules, exec, file, ASSAY_EV_EXEC_BLOCKED);
 }
 
 /* ---------------------------------------------------------------- LSM: connect enforcement */
@@ -704,6 +738,5 @@ int BPF_PROG(assay_socket_connect, struct socket *sock, struct sockaddr *address
 		emit_net_block(deny, AF_INET, port, proto, k4.addr, 4);
 	else
 		emit_net_block(deny, AF_INET6, port, proto, k6.addr, 16);
-	struct assay_rule_ref r = {.rule_id = deny->rule_id, .action = deny->action};
-	return act(&r);
+	return act(deny->action);
 }
