@@ -533,6 +533,10 @@ __noinline __u32 assay_resolve_path(__u64 dentry, __u64 vfsmount)
 		return off;
 	s->path[ASSAY_PATH_MAX - 1] = 0;
 	for (int i = 0; i < ASSAY_WALK_DEPTH; i++) {
+		/* Forget what the verifier knows of off, so every path into this iteration is the
+		 * same state and gets pruned; otherwise the paths multiply with each iteration. */
+		asm volatile("" : "+r"(off));
+		off &= ASSAY_PATH_MAX - 1;
 		struct dentry *parent = BPF_CORE_READ(d, d_parent);
 		struct dentry *root = BPF_CORE_READ(mnt, mnt.mnt_root);
 		if (d == root || d == parent) {
