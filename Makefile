@@ -9,10 +9,10 @@ ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 BPF_SRC := $(wildcard bpf/src/*.bpf.c)
 BPF_HDR := $(wildcard bpf/src/*.h)
 BPF_OBJ := $(patsubst bpf/src/%.bpf.c,assay/data/%.bpf.o,$(BPF_SRC))
-APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool qemu-system-x86 debootstrap cpio dpkg-dev rpm2cpio xz-utils zstd shellcheck apt-utils
+APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool qemu-system-x86 debootstrap cpio dpkg-dev rpm2cpio xz-utils zstd debian-archive-keyring shellcheck apt-utils
 KERNELS ?=
 
-.PHONY: all deps apt venv bpf wheel test test-host matrix demo bench clean
+.PHONY: all deps apt venv bpf wheel test test-host matrix matrix-fetch demo bench clean
 
 all: bpf
 
@@ -29,7 +29,7 @@ apt:
 venv: $(VENV)/.stamp
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -q -e '.[test]' build
+	$(VPY) -m pip install -q -e '.[test,ci]' build
 	touch $@
 
 bpf/vmlinux.h:
@@ -51,6 +51,10 @@ test-host: deps bpf
 
 matrix: deps wheel
 	$(VPY) kernel-matrix/run.py $(if $(KERNELS),--kernels $(KERNELS))
+
+# Kernels and guest roots for the matrix, into .cache/kernel-matrix/ (`make matrix` fetches too).
+matrix-fetch: deps
+	$(VPY) kernel-matrix/fetch.py $(if $(KERNELS),--kernels $(KERNELS)) $(if $(REFRESH),--refresh)
 
 test: test-host matrix
 

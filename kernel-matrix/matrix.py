@@ -1,0 +1,173 @@
+"""The matrix declaration (matrix.yaml) and the cache layout, shared by fetch, run and demo."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+from ruamel.yaml import YAML
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+MATRIX_FILE = HERE / "matrix.yaml"
+GUEST_DIR = HERE / "guest"
+CACHE = Path(os.environ.get("ASSAY_MATRIX_CACHE", str(REPO / ".cache" / "kernel-matrix")))
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    id: str
+    suites: List[str]
+    package: str
+    vmlinuz: str
+
+
+@dataclass(frozen=True)
+class Userland:
+    id: str
+    suite: str
+    packages: List[str]
+    libbpf_package: str
+    libbpf_soname: str
+    libbpf_version: str
+    python: str
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    kernel: KernelSpec
+    userland: Userland
+    expect: str
+    reason: str
+    lsm: str
+    timeout: int
+    extra: Dict[str, str] = field(default_factory=dict)
+
+
+class MatrixError(Exception):
+    pass
+
+
+_print_lock = threading.Lock()
+
+
+def say(tag: str, msg: str) -> None:
+    """One whole line per message, even from parallel threads."""
+    with _print_lock:
+        sys.stdout.write(f"[{tag}] {msg}\n")
+        sys.stdout.flush()
+
+
+def load(path: Path = MATRIX_FILE) -> List[Row]:
+    doc = YAML(typ="safe", pure=True).load(path.read_text())
+    defaults = doc.get("defaults") or {}
+    kernels = {
+        str(k): KernelSpec(str(k), [str(s) for s in v["suites"]], str(v["package"]), str(v["vmlinuz"]))
+        for k, v in doc["kernels"].items()
+    }
+    userlands = {}
+    for k, v in doc["userlands"].items():
+        lib = v["libbpf"]
+        userlands[str(k)] = Userland(
+            str(k), str(v["suite"]), [str(p) for p in v["packages"]],
+            str(lib["package"]), str(lib["soname"]), str(lib["version"]), str(v["python"]),
+        )
+    rows = []
+    seen = set()
+    for r in doc["rows"]:
+        rid = str(r["id"])
+        if rid in seen:
+            raise MatrixError(f"duplicate row id {rid!r} in {path}")
+        seen.add(rid)
+        expect = str(r.get("expect", "pass"))
+        if expect not in ("pass", "xfail"):
+            raise MatrixError(f"row {rid}: expect must be pass or xfail, not {expect!r}")
+        if expect == "xfail" and not r.get("reason"):
+            raise MatrixError(f"row {rid}: an xfail row needs a reason")
+        try:
+            kernel, userland = kernels[str(r["kernel"])], userlands[str(r["userland"])]
+        except KeyError as e:
+            raise MatrixError(f"row {rid}: unknown kernel or userland {e}") from None
+        rows.append(Row(
+            id=rid, kernel=kernel, userland=userland, expect=expect, reason=str(r.get("reason", "")),
+            lsm=str(r.get("lsm", defaults.get("lsm", "lockdown,capability,landlock,bpf"))),
+            timeout=int(r.get("timeout", defaults.get("timeout", 300))),
+        ))
+    return rows
+
+
+def select(rows: List[Row], wanted: Optional[str]) -> List[Row]:
+    """`wanted` is a comma separated list of row ids; empty means all rows."""
+    if not wanted:
+        return rows
+    ids = [w.strip() for w in wanted.split(",") if w.strip()]
+    by_id = {r.id: r for r in rows}
+    unknown = [i for i in ids if i not in by_id]
+    if unknown:
+        raise MatrixError(f"unknown row(s) {', '.join(unknown)}; rows are: {', '.join(by_id)}")
+    return [by_id[i] for i in ids]
+
+
+# --- cache helpers -------------------------------------------------------------------------
+
+def cache_dir(*parts: str) -> Path:
+    p = CACHE.joinpath(*parts)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+@contextlib.contextmanager
+def locked(name: str) -> Iterator[None]:
+    """Serialises builders of one cache entry, across threads and processes."""
+    lock_path = cache_dir("locks") / f"{name}.lock"
+    with open(lock_path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def scratch_dir(prefix: str) -> Path:
+    # Inside the cache so the final os.replace() stays on one filesystem and is atomic; the pid
+    # in the name lets a later run tell a killed builder's leftovers from a live one's.
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}@{os.getpid()}@", dir=cache_dir("tmp")))
+
+
+def scratch_owner_alive(path: Path) -> bool:
+    try:
+        pid = int(path.name.split("@")[1])
+        os.kill(pid, 0)
+    except (IndexError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=str(path.parent))
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Runs the `vm`-marked pytest tests inside every selected matrix row (real kernels under QEMU).
+
+    kernel-matrix/run.py [--kernels 6.1,5.10] [-k EXPR] [--timeout S] [-- extra pytest args]
+
+Fetches whatever is not cached yet, boots at most two guests at once, prints a table and writes
+it as JSON to .cache/kernel-matrix/results.json. Exits 1 if a row expected to pass did not
+(a failed test, an error, a timeout, or no test run at all).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import fetch
+import matrix
+import payload
+import qemu
+from matrix import CACHE, Row, write_atomic
+
+MAX_VMS = qemu.MAX_VMS
+
+
+def run_row(row: Row, kernel: dict, rootfs: dict, wheel_dir: Path, deps_dir: Path,
+            pytest_args: List[str], tests: str, timeout: Optional[float]) -> dict:
+    matrix.say("run", f"{row.id}: booting {kernel['release']} with {row.userland.id} userland")
+    b = qemu.boot_row(row, kernel, rootfs, wheel_dir, deps_dir, pytest_args=pytest_args, tests=tests,
+                      timeout=timeout)
+    res = b.result or {}
+    guest = res.get("guest", {})
+    report = res.get("report", {})
+    counts = report.get("counts", {})
+    ran = sum(counts.get(k, 0) for k in ("passed", "failed", "error", "xfailed", "xpassed", "interrupted"))
+    problems = []
+    if b.result is None:
+        problems.append(b.error)
+    else:
+        if res.get("guest_error"):
+            problems.append(f"guest error: {res['guest_error']}")
+        if res.get("timed_out"):
+            problems.append("tests killed by the guest's own timeout")
+        if res.get("report_error"):
+            problems.append(res["report_error"])
+        bad = {k: counts[k] for k in ("failed", "error", "interrupted") if counts.get(k)}
+        if bad:
+            problems.append(", ".join(f"{n} {k}" for k, n in bad.items()))
+        elif ran == 0:
+            problems.append("no test ran")
+        elif res.get("exit_code") not in (0, None):
+            problems.append(f"pytest exit code {res.get('exit_code')}")
+    ok = not problems
+    if row.expect == "pass":
+        status = "PASS" if ok else "FAIL"
+    else:
+        status = "XPASS" if ok else "XFAIL"
+    entry = {
+        "row": row.id, "status": status, "expect": row.expect, "reason": row.reason,
+        "problems": problems,
+        "kernel_package": kernel["package"], "kernel_version": kernel["version"],
+        "kernel_release": guest.get("kernel_release") or kernel["release"],
+        "userland": row.userland.id,
+        "libbpf": fetch.upstream_version(guest.get("libbpf_version") or rootfs["libbpf_version"]),
+        "python": guest.get("python") or rootfs["python_full"],
+        "lsm": guest.get("lsm", ""),
+        "passed": counts.get("passed", 0) + counts.get("xpassed", 0),
+        "failed": counts.get("failed", 0) + counts.get("error", 0) + counts.get("interrupted", 0),
+        "skipped": counts.get("skipped", 0) + counts.get("xfailed", 0),
+        "counts": counts,
+        "seconds": round(b.seconds, 1),
+        "guest_seconds": res.get("guest_seconds"),
+        "console_log": str(b.console_log),
+        "tests": report.get("tests", []),
+        "pytest_tail": res.get("tail", []),
+    }
+    verdict = status if not problems else f"{status} ({'; '.join(problems)})"
+    if status in ("FAIL", "XFAIL"):
+        tail = "\n".join(res.get("tail", [])[-30:]) or qemu.console_tail(b.console_log)
+        verdict += f"\n----- {row.id}: last output (full console: {b.console_log}) -----\n{tail}\n-----"
+    matrix.say("run", f"{row.id}: {verdict} in {b.seconds:.0f} s")
+    return entry
+
+
+def table(entries: List[dict]) -> str:
+    head = ["row", "kernel", "userland", "libbpf", "python", "pass", "fail", "skip", "secs", "status"]
+    rows = [[e["row"], e["kernel_release"], e["userland"], e["libbpf"], e["python"], str(e["passed"]),
+             str(e["failed"]), str(e["skipped"]), f"{e['seconds']:.0f}",
+             e["status"] + (f" ({e['reason']})" if e["status"] == "XFAIL" else "")] for e in entries]
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description="Run the vm tests in every kernel-matrix row.")
+    ap.add_argument("--kernels", help="comma separated row ids from matrix.yaml (default: all)")
+    ap.add_argument("-k", dest="keyword", help="pytest -k expression for the guest run")
+    ap.add_argument("--pytest-args", default="", help="extra pytest arguments, one shell-quoted string")
+    ap.add_argument("--tests", default=payload.DEFAULT_TESTS,
+                    help=f"test path inside the repo to collect in the guest (default {payload.DEFAULT_TESTS})")
+    ap.add_argument("--timeout", type=float, help="seconds before a guest is killed (default: per row)")
+    ap.add_argument("--jobs", type=int, default=MAX_VMS, help=f"VMs at once (at most {MAX_VMS})")
+    ap.add_argument("--refresh", action="store_true", help="re-resolve the newest kernel packages")
+    ap.add_argument("pytest_extra", nargs="*", help="after --: passed to pytest in the guest")
+    args = ap.parse_args(argv)
+
+    started = time.monotonic()
+    try:
+        rows = matrix.select(matrix.load(), args.kernels)
+        kernels, roots = fetch.fetch(rows, refresh=args.refresh)
+        wheel = payload.find_wheel()
+        wheel_dir = payload.install_wheel(wheel)
+        deps = {}
+        for ul in sorted({r.userland.id for r in rows}):
+            deps[ul] = payload.ensure_deps(wheel, roots[ul])
+            payload.compile_wheel(wheel_dir, roots[ul])
+    except (fetch.FetchError, matrix.MatrixError, payload.PayloadError, subprocess.CalledProcessError) as e:
+        print(f"matrix setup failed: {e}", file=sys.stderr)
+        return 2
+    fetched = time.monotonic() - started
+    matrix.say("run", f"wheel {wheel.name}; artifacts ready in {fetched:.0f} s; booting {len(rows)} row(s)")
+
+    pytest_args = shlex.split(args.pytest_args) + (["-k", args.keyword] if args.keyword else []) + args.pytest_extra
+    jobs = max(1, min(args.jobs, MAX_VMS))
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run_row, r, kernels[r.kernel.id], roots[r.userland.id], wheel_dir,
+                               deps[r.userland.id], pytest_args, args.tests, args.timeout)
+                   for r in rows]
+        entries = [f.result() for f in futures]
+
+    total = time.monotonic() - started
+    print("\n" + table(entries))
+    summary = {
+        "wheel": wheel.name, "pytest_args": pytest_args, "seconds_total": round(total, 1),
+        "seconds_fetch": round(fetched, 1),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": entries,
+    }
+    out = CACHE / "results.json"  # the latest run's; each run's own copy stays beside its logs
+    data = json.dumps(summary, indent=2).encode()
+    write_atomic(qemu.run_log_dir() / "results.json", data)
+    write_atomic(out, data)
+    failed = [e["row"] for e in entries if e["status"] == "FAIL"]
+    print(f"\nresults: {out}")
+    print(f"matrix: {len(entries) - len(failed)}/{len(entries)} rows as expected "
+          f"in {total:.0f} s (artifacts {fetched:.0f} s)" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
