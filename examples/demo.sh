@@ -9,10 +9,11 @@ echo "public key" > /srv/demo/keys/public/id_ed25519.pub
 echo "debug=1" > /srv/demo/app.conf
 echo "hello" > /srv/demo/readme.txt
 here=$(dirname "$0")
+assay=${ASSAY:-python3 -m assay}
 echo "== assay doctor"
-python3 -m assay doctor
+$assay doctor
 echo "== assay monitor --policy demo-policy.yaml -- sh -c '...'"
-python3 -m assay monitor --format text --policy "$here/demo-policy.yaml" -- sh -c '
+$assay monitor --format text --policy "$here/demo-policy.yaml" -- sh -c '
   cat /srv/demo/readme.txt
   cat /srv/demo/secret.txt || echo "(secret.txt refused)"
   cat /srv/demo/keys/id_ed25519 || echo "(private key refused)"

@@ -11,6 +11,9 @@
 #define AF_INET 2
 #define AF_INET6 10
 #define FMODE_EXEC 0x20
+/* execve's opens carry this in f_flags (an octal 040 no O_* flag uses); newer kernels also
+ * set FMODE_EXEC in f_mode. */
+#define __FMODE_EXEC 0x20
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -636,7 +639,7 @@ int BPF_PROG(assay_file_open, struct file *file, int ret)
 		return 0;
 	/* The kernel's own opens for execve (the binary, its ELF interpreter) are proc_exec's
 	 * business: file rules govern what a process opens, not what it runs. */
-	if (BPF_CORE_READ(file, f_mode) & FMODE_EXEC)
+	if ((BPF_CORE_READ(file, f_flags) & __FMODE_EXEC) || (BPF_CORE_READ(file, f_mode) & FMODE_EXEC))
 		return 0;
 	return CHECK_INODE(cfg->file_rules, file, file, ASSAY_EV_FILE_BLOCKED);
 }

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 import subprocess
+import tempfile
 
 import pytest
 
@@ -17,8 +20,9 @@ def sh(assay_cmd, *args, check=True):
 
 
 def test_record_profile_generate_enforce(assay_cmd, tmp_path):
-    data = tmp_path / "app"
-    data.mkdir()
+    os.makedirs("/srv", exist_ok=True)
+    # Not under /tmp: learning generalises anything below /tmp to /tmp/**.
+    data = pathlib.Path(tempfile.mkdtemp(prefix="assay-learn-", dir="/srv"))
     for name in ("config.ini", "input.txt", "extra.txt"):
         (data / name).write_text(name + "\n")
     job = f"cat {data}/config.ini {data}/input.txt > /dev/null"

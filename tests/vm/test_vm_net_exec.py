@@ -31,8 +31,19 @@ print(json.dumps(out))
 '''
 
 
+def loopback_up():
+    """The guest's init leaves lo down; bring it up (SIOCSIFFLAGS) so 127.0.0.1 and ::1 exist."""
+    import fcntl
+    import struct
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s, 0x8913, ifreq))[1]  # SIOCGIFFLAGS
+        fcntl.ioctl(s, 0x8914, struct.pack("16sH14x", b"lo", flags | 0x1))  # SIOCSIFFLAGS, IFF_UP
+
+
 @pytest.fixture
 def servers():
+    loopback_up()
     """Listening TCP sockets on v4 and v6 loopback, each on two ports, inside the guest."""
     socks, ports = [], {}
     for fam, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
