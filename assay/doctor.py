@@ -94,20 +94,22 @@ def _cgroup2() -> Check:
 
 
 def _try_load(kind: str, obj_path: str) -> Check:
-    """Loads one program of the given kind from the shipped object: the only honest test."""
+    """Loads from the shipped object, by trying it: one tracepoint, or every LSM hook (each must
+    pass this kernel's verifier for enforcement to work)."""
     from assay.bpf import Object
 
     name = "load_tracepoint" if kind == "tracepoint" else "load_lsm"
     try:
         with Object(obj_path) as obj:
-            want = next(p for p in obj.programs.values()
-                        if (p.is_lsm if kind == "lsm" else p.section.startswith("tracepoint/")))
+            progs = [p for p in obj.programs.values() if p.is_lsm]
+            if kind == "tracepoint":
+                progs = [next(p for p in obj.programs.values() if p.section.startswith("tracepoint/"))]
             for p in obj.programs.values():
-                p.autoload = p is want
+                p.autoload = p in progs
             obj.load()
             if kind == "lsm" or system.ensure_tracefs():
-                obj.attach([want.name])
-            return Check(name, True, f"{want.section} loaded and attached")
+                obj.attach([p.name for p in progs])
+            return Check(name, True, f"{', '.join(p.section for p in progs)} loaded and attached")
     except AssayError as e:
         fix = LSM_FIX if kind == "lsm" and not system.bpf_lsm_active() else "see `assay doctor` checks above"
         if kind == "lsm" and system.bpf_lsm_active():

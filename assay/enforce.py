@@ -149,8 +149,6 @@ def plan(policy, rule_types: Iterable[str] = ("file_open", "proc_exec")) -> Plan
         action = rule_action(policy, rule)
         if action is abi.Action.KILL_GRACEFUL:
             graceful[index] = policy.kill_switch.grace_period_ms
-        if rule.action == "trigger_kill" and not policy.kill_switch.enabled:
-            notes.append(f"rule {rule.id}: action trigger_kill but kill_switch is not enabled; denying only")
         for globs, kind in ((rule.paths, "deny"), (rule.not_paths, "allow")):
             for g in globs:
                 path, subtree = _resolve(policy, rule, g, notes)
