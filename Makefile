@@ -12,7 +12,7 @@ BPF_OBJ := $(patsubst bpf/src/%.bpf.c,assay/data/%.bpf.o,$(BPF_SRC))
 APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool qemu-system-x86 debootstrap cpio dpkg-dev rpm2cpio xz-utils zstd debian-archive-keyring shellcheck apt-utils
 KERNELS ?=
 
-.PHONY: all deps apt venv bpf wheel test test-host matrix matrix-fetch demo bench clean
+.PHONY: all deps apt venv bpf wheel test test-host matrix matrix-fetch demo bench bench-vm clean
 
 all: bpf
 
@@ -58,11 +58,22 @@ matrix-fetch: deps
 
 test: test-host matrix
 
+# Natively where this host can enforce (assay doctor passes); otherwise in a 6.1 guest under QEMU.
 demo: deps wheel
-	$(VPY) kernel-matrix/demo.py
+	@if $(VPY) -m assay doctor >/dev/null 2>&1; then \
+	  echo "demo: this host has usable BPF LSM: running natively"; \
+	  ASSAY="$(abspath $(VPY)) -m assay" sh examples/demo.sh; \
+	else \
+	  echo "demo: this host cannot enforce (see assay doctor): booting a kernel with BPF LSM in QEMU"; \
+	  $(VPY) kernel-matrix/demo.py --cmd "sh /opt/assay/src/examples/demo.sh"; \
+	fi
 
 bench: deps bpf
 	$(VPY) bench/ringbuf_throughput.py
+
+# The LSM overhead benchmark needs BPF LSM: it runs in a 6.1 guest and prints its JSON there.
+bench-vm: deps wheel
+	$(VPY) kernel-matrix/demo.py --row $(or $(KERNELS),6.1) --cmd "python3 /opt/assay/src/bench/open_overhead.py --out /tmp/open_overhead.json"
 
 clean:
 	rm -rf build dist assay/data/*.bpf.o *.egg-info

@@ -10,6 +10,8 @@ re-resolves the newest kernel packages.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import fnmatch
 import functools
 import glob
@@ -18,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -269,13 +272,15 @@ def ensure_kernel(spec: KernelSpec, refresh: bool = False) -> dict:
             os.replace(image, final_dir / "vmlinuz")
         finally:
             matrix.rmtree(scratch)
-        rec = {
+        previous, rec = rec, {
             "id": spec.id, "package": name, "version": version, "release": _release_from_path(member),
             "suites": spec.suites, "vmlinuz": str((final_dir / "vmlinuz").relative_to(CACHE)),
             "size": (final_dir / "vmlinuz").stat().st_size, "sha256": _sha256(final_dir / "vmlinuz"),
             "resolved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         write_atomic(kernel_record_path(spec), json.dumps(rec, indent=2).encode())
+        if previous:  # a refresh found a newer package: the old image is no longer referenced
+            matrix.rmtree((CACHE / previous["vmlinuz"]).parent)
         rec["path"] = str(CACHE / rec["vmlinuz"])
         return rec
 
@@ -284,7 +289,8 @@ def ensure_kernel(spec: KernelSpec, refresh: bool = False) -> dict:
 
 def rootfs_key(ul: Userland) -> str:
     recipe = json.dumps([ROOTFS_RECIPE, ul.suite, sorted(ul.packages), STRIP_PATHS], sort_keys=True)
-    return f"{ul.id}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+    # Content, not the userland's name: userlands with the same recipe share one root.
+    return f"{ul.suite}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
 
 
 def cached_rootfs(ul: Userland) -> Optional[dict]:
@@ -322,10 +328,37 @@ def _mounts_below(path: Path) -> List[str]:
     return sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True)
 
 
+def _processes_inside(path: Path) -> List[int]:
+    """Pids whose root, cwd or command line is inside path: a killed fetch's debootstrap/dpkg."""
+    prefix = str(path.resolve())
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            links = [os.readlink(f"/proc/{entry}/{l}") for l in ("root", "cwd")]
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read().decode(errors="replace")
+        except OSError:
+            continue
+        if any(l == prefix or l.startswith(prefix + "/") for l in links) or prefix in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
 def safe_rmtree(path: Path) -> None:
-    """rmtree for a debootstrap target: a killed debootstrap can leave /proc or /sys mounted inside."""
+    """rmtree for a debootstrap target: a killed fetch can leave its debootstrap running and
+    /proc or /sys mounted inside."""
     if not path.exists():
         return
+    for _ in range(10):
+        pids = _processes_inside(path)
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
     for mp in _mounts_below(path):
         run(["umount", "-l", mp], check=False)
     if _mounts_below(path):
@@ -343,8 +376,18 @@ def pack_cpio(root: Path, out: Path) -> None:
                        input=b"\0".join(names) + b"\0", stdout=fh)
 
 
+# debootstrap runs most of its work in subshells. In its own PID namespace, all of them die with
+# the namespace's first process, which unshare kills when it dies, which happens when this process
+# dies (PR_SET_PDEATHSIG): a killed fetch leaves nothing running in its scratch dir.
+_CONTAINED = ["unshare", "--pid", "--fork", "--kill-child=SIGKILL"]
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def ensure_rootfs(ul: Userland) -> dict:
-    with locked(f"rootfs-{ul.id}"):
+    with locked(f"rootfs-{rootfs_key(ul)}"):
         man = cached_rootfs(ul)
         if man:
             return man
@@ -357,10 +400,10 @@ def ensure_rootfs(ul: Userland) -> dict:
         log(f"rootfs {ul.id}: debootstrap {ul.suite} (+{','.join(ul.packages)})")
         try:
             with open(scratch / "debootstrap.log", "w") as dlog:
-                proc = run(["debootstrap", "--variant=minbase", "--components=main",
+                proc = run([*_CONTAINED, "debootstrap", "--variant=minbase", "--components=main",
                             f"--include={','.join(ul.packages)}", f"--keyring={KEYRING}",
                             ul.suite, str(root), suite_uri(ul.suite)],
-                           stdout=dlog, stderr=subprocess.STDOUT, check=False)
+                           stdout=dlog, stderr=subprocess.STDOUT, check=False, preexec_fn=_die_with_parent)
             if proc.returncode != 0:
                 tail = (scratch / "debootstrap.log").read_text().splitlines()[-25:]
                 raise FetchError(f"debootstrap {ul.suite} failed:\n" + "\n".join(tail))

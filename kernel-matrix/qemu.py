@@ -11,10 +11,12 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +33,8 @@ QEMU = os.environ.get("QEMU", "qemu-system-x86_64")
 QEMU_ARGS = ["-accel", "tcg,thread=multi", "-cpu", "max", "-m", "2048", "-smp", "2",
              "-nographic", "-no-reboot", "-monitor", "none", "-nic", "none"]
 GUEST_TIMEOUT_MARGIN = 45
+# SeaBIOS clears the screen and the serial line adds \r: keep the echoed console plain.
+TERMINAL_CONTROL = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1bc|\r")
 # Each TCG guest keeps about one core busy and the machines have two: a machine-wide limit,
 # shared by concurrent runs (run.py, demo.py) through lock files.
 MAX_VMS = 2  # the guest stops its tests this much before the host kills it
@@ -131,7 +135,8 @@ def read_result(path: Path) -> Union[dict, str]:
 
 @contextlib.contextmanager
 def vm_slot() -> Iterator[None]:
-    paths = [cache_dir("locks") / f"vm-slot-{i}.lock" for i in range(MAX_VMS)]
+    # In the temp dir, not the cache: runs with different caches still share the machine's cores.
+    paths = [Path(tempfile.gettempdir()) / f"assay-kernel-matrix-vm-slot-{i}.lock" for i in range(MAX_VMS)]
     waited = False
     while True:
         for path in paths:
@@ -181,7 +186,7 @@ def _boot(argv: List[str], console_log: Path, result_file: Path, timeout: float,
                 logf.write(chunk)
                 logf.flush()
                 if echo:
-                    sys.stdout.buffer.write(chunk.replace(b"\r", b""))
+                    sys.stdout.buffer.write(TERMINAL_CONTROL.sub(b"", chunk))
                     sys.stdout.buffer.flush()
 
         reader = threading.Thread(target=pump, daemon=True)

@@ -99,6 +99,7 @@ def table(entries: List[dict]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description="Run the vm tests in every kernel-matrix row.")
+    ap.add_argument("--matrix", type=Path, default=matrix.MATRIX_FILE, help="matrix file (default: matrix.yaml)")
     ap.add_argument("--kernels", help="comma separated row ids from matrix.yaml (default: all)")
     ap.add_argument("-k", dest="keyword", help="pytest -k expression for the guest run")
     ap.add_argument("--pytest-args", default="", help="extra pytest arguments, one shell-quoted string")
@@ -112,7 +113,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     started = time.monotonic()
     try:
-        rows = matrix.select(matrix.load(), args.kernels)
+        rows = matrix.select(matrix.load(args.matrix), args.kernels)
         kernels, roots = fetch.fetch(rows, refresh=args.refresh)
         wheel = payload.find_wheel()
         wheel_dir = payload.install_wheel(wheel)
