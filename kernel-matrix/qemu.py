@@ -227,6 +227,16 @@ _run_dir: Optional[Path] = None
 _run_dir_lock = threading.Lock()
 
 
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def run_log_dir() -> Path:
     """logs/<time>-<pid>/ for this process: concurrent runs must not share console or result files."""
     global _run_dir
@@ -237,6 +247,9 @@ def run_log_dir() -> Path:
 def _make_run_dir() -> Path:
     global _run_dir
     if _run_dir is None:
+        for initrd in cache_dir("run").glob("*.initrd*"):  # left by killed runs: 100+ MiB each
+            if not _pid_alive(initrd.name.split(".initrd")[0].rsplit(".", 1)[-1]):
+                initrd.unlink(missing_ok=True)
         base = cache_dir("logs")
         old = sorted(p for p in base.iterdir() if p.is_dir())
         for stale in old[:max(0, len(old) - KEEP_RUN_LOGS + 1)]:

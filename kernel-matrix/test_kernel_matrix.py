@@ -1,0 +1,138 @@
+"""Host-side checks of the matrix machinery that need no VM, no network and no root.
+
+    .venv/bin/python -m pytest kernel-matrix/test_kernel_matrix.py
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fetch  # noqa: E402
+import matrix  # noqa: E402
+import payload  # noqa: E402
+import qemu  # noqa: E402
+from packaging.requirements import Requirement  # noqa: E402
+
+
+def test_matrix_file_loads_and_every_row_boots_with_bpf_lsm():
+    rows = matrix.load()
+    assert {r.id for r in rows} >= {"5.10", "6.1", "6.12", "7.2", "5.10-bookworm"}
+    for r in rows:
+        assert "bpf" in r.lsm.split(",")
+        assert r.expect in ("pass", "xfail")
+
+
+def test_workflow_lists_every_row():
+    wf = (matrix.REPO / ".github/workflows/kernel-matrix.yml").read_text()
+    for r in matrix.load():
+        assert f'"{r.id}"' in wf, f"row {r.id} missing from the workflow's matrix"
+
+
+def test_select_rejects_unknown_rows():
+    rows = matrix.load()
+    assert [r.id for r in matrix.select(rows, "6.1,5.10")] == ["6.1", "5.10"]
+    with pytest.raises(matrix.MatrixError):
+        matrix.select(rows, "4.19")
+
+
+def test_xfail_row_needs_a_reason(tmp_path):
+    text = matrix.MATRIX_FILE.read_text() + '  - id: "bad"\n    kernel: "6.1"\n    userland: bookworm\n    expect: xfail\n'
+    (tmp_path / "m.yaml").write_text(text)
+    with pytest.raises(matrix.MatrixError, match="reason"):
+        matrix.load(tmp_path / "m.yaml")
+
+
+def test_cpio_writer_is_readable_by_gnu_cpio(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f.txt").write_text("hello")
+    (src / "link").symlink_to("sub/f.txt")
+    out = tmp_path / "a.cpio"
+    with open(out, "wb") as fh:
+        c = qemu.Cpio(fh)
+        c.add_file("init", b"#!/bin/sh\n", 0o755)
+        c.add_tree("opt/x", src)
+        c.close()
+    assert out.stat().st_size % 512 == 0
+    listing = subprocess.run(["cpio", "-itv", "--quiet"], stdin=open(out, "rb"), capture_output=True,
+                             text=True, check=True).stdout
+    names = [line.split()[-1] if "->" not in line else line.split()[-3] for line in listing.splitlines()]
+    # parents come before children: the kernel does not create missing directories
+    assert names.index("opt") < names.index("opt/x") < names.index("opt/x/sub") < names.index("opt/x/sub/f.txt")
+    assert "init" in names and "opt/x/link" in names
+    dest = tmp_path / "out"
+    dest.mkdir()
+    subprocess.run(["cpio", "-id", "--quiet"], stdin=open(out, "rb"), cwd=dest, check=True)
+    assert (dest / "opt/x/sub/f.txt").read_text() == "hello"
+    assert (dest / "init").stat().st_mode & 0o111
+
+
+def test_read_result_handles_serial_noise(tmp_path):
+    f = tmp_path / "r"
+    f.write_bytes(b"garbage\r\n" + qemu.BEGIN.encode() + b"\r\n" + json.dumps({"a": 1}).encode()
+                  + b"\r\n" + qemu.END.encode() + b"\r\n")
+    assert qemu.read_result(f) == {"a": 1}
+    f.write_bytes(qemu.BEGIN.encode() + b'\n{"a": ')
+    assert "truncated" in qemu.read_result(f)
+    assert "no result" in qemu.read_result(tmp_path / "missing")
+
+
+def test_upstream_version():
+    assert fetch.upstream_version("1:1.1.2-0+deb12u1") == "1.1.2"
+    assert fetch.upstream_version("1:0.3-2+deb11u1") == "0.3"
+    assert fetch.upstream_version("3.9.2-3") == "3.9.2"
+
+
+def test_newest_uses_debian_version_order():
+    cands = [("a", "6.12.9-1"), ("b", "6.12.118-1"), ("c", "6.12.100-1~bpo")]
+    assert fetch.newest(cands) == ("b", "6.12.118-1")
+
+
+def test_release_from_member_path():
+    assert fetch._release_from_path("boot/vmlinuz-6.1.0-57-cloud-amd64") == "6.1.0-57-cloud-amd64"
+    assert fetch._release_from_path("usr/lib/modules/7.2.13+deb14-cloud-amd64/vmlinuz") == "7.2.13+deb14-cloud-amd64"
+
+
+def _dist(target, name, version, requires=(), requires_python=None):
+    d = target / f"{name}-{version}.dist-info"
+    d.mkdir(parents=True)
+    lines = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+    if requires_python:
+        lines.append(f"Requires-Python: {requires_python}")
+    lines += [f"Requires-Dist: {r}" for r in requires]
+    (d / "METADATA").write_text("\n".join(lines) + "\n")
+
+
+def test_closure_uses_the_guest_python_markers(tmp_path):
+    # What pip leaves for a 3.9 guest when it evaluated markers with the host's 3.11.
+    _dist(tmp_path, "pytest", "8.4.2", ['tomli>=1; python_version < "3.11"', "pluggy>=1.5"])
+    _dist(tmp_path, "pluggy", "1.6.0")
+    _dist(tmp_path, "ruamel.yaml", "0.19.1", ['ruamel.yaml.clib>=0.2; platform_python_implementation=="CPython"'])
+    roots = [Requirement("pytest>=7"), Requirement("ruamel.yaml>=0.17")]
+    add, cons = payload._problems(tmp_path, roots, "3.9.2")
+    assert add == ["tomli>=1"] and cons == []
+    add, cons = payload._problems(tmp_path, roots, "3.11.2")
+    assert add == [] and cons == []
+
+
+def test_closure_rejects_dists_for_a_newer_python(tmp_path):
+    _dist(tmp_path, "pytest", "9.1.1", requires_python=">=3.10")
+    add, cons = payload._problems(tmp_path, [Requirement("pytest>=7")], "3.9.2")
+    assert cons == ["pytest!=9.1.1"]
+
+
+def test_mirror_override(monkeypatch):
+    fetch.debian_mirrors.cache_clear()
+    monkeypatch.setenv("ASSAY_DEBIAN_MIRROR", "http://mirror.invalid/debian/")
+    monkeypatch.delenv("ASSAY_DEBIAN_SECURITY_MIRROR", raising=False)
+    monkeypatch.setattr(fetch, "_apt_source_uris", lambda: [])
+    try:
+        assert fetch.debian_mirrors() == ("http://mirror.invalid/debian", "http://mirror.invalid/debian-security")
+        assert fetch.suite_uri("bookworm-security").endswith("/debian-security")
+        assert fetch.suite_uri("sid").endswith("/debian")
+    finally:
+        fetch.debian_mirrors.cache_clear()
