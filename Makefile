@@ -36,6 +36,7 @@ bpf/vmlinux.h:
 	$(BPFTOOL) btf dump file /sys/kernel/btf/vmlinux format c > $@.tmp && mv $@.tmp $@
 
 assay/data/%.bpf.o: bpf/src/%.bpf.c $(BPF_HDR) bpf/vmlinux.h
+	@mkdir -p $(@D)
 	$(CLANG) -O2 -g -target bpf -D__TARGET_ARCH_$(ARCH) -Wall -Werror -Ibpf -Ibpf/src -c $< -o $@.tmp
 	mv $@.tmp $@
 
