@@ -29,7 +29,7 @@ apt:
 venv: $(VENV)/.stamp
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -q -e '.[test,ci]' build
+	$(VPY) -m pip install -q 'setuptools>=70.1' wheel build && $(VPY) -m pip install -q -e '.[test,ci]'
 	touch $@
 
 bpf/vmlinux.h:
