@@ -14,7 +14,7 @@ import attrs
 import structlog
 
 from assay import abi, enforce, events, system
-from assay.bpf import Object
+from assay.bpf import Object, RingBuffer
 from assay.errors import BpfError, UsageError
 
 log = structlog.get_logger("assay.monitor")
@@ -318,8 +318,6 @@ class Monitor:
 
     def run(self, out: Optional[TextIO] = None) -> int:
         """Loads, scopes, runs; returns the exit code (the command's status when there is one)."""
-        from assay.bpf import RingBuffer
-
         opts = self.opts
         if not (opts.scope.pids or opts.scope.cgroup or opts.scope.all or opts.command):
             raise UsageError("nothing to monitor: give --pid, --cgroup, --all or -- COMMAND")
