@@ -9,7 +9,7 @@ ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 BPF_SRC := $(wildcard bpf/src/*.bpf.c)
 BPF_HDR := $(wildcard bpf/src/*.h)
 BPF_OBJ := $(patsubst bpf/src/%.bpf.c,assay/data/%.bpf.o,$(BPF_SRC))
-APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool qemu-system-x86 debootstrap cpio dpkg-dev rpm2cpio xz-utils zstd debian-archive-keyring shellcheck apt-utils
+APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool qemu-system-x86 qemu-system-arm qemu-user-static debootstrap cpio dpkg-dev rpm2cpio xz-utils zstd debian-archive-keyring shellcheck apt-utils
 KERNELS ?=
 
 .PHONY: all deps apt venv bpf wheel test test-host matrix matrix-fetch demo bench bench-vm clean
@@ -48,7 +48,7 @@ wheel: bpf venv
 	@ls dist/*.whl
 
 test-host: deps bpf
-	$(VPY) -m pytest -q -m 'not vm' tests
+	$(VPY) -m pytest -q -m 'not vm' tests kernel-matrix/test_kernel_matrix.py
 
 matrix: deps wheel
 	$(VPY) kernel-matrix/run.py $(if $(KERNELS),--kernels $(KERNELS))

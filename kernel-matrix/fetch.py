@@ -31,7 +31,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 import matrix
-from matrix import CACHE, KernelSpec, Row, Userland, cache_dir, locked, scratch_dir, write_atomic
+from matrix import ARCHES, CACHE, HOST_ARCH, KernelSpec, Row, Userland, cache_dir, locked, scratch_dir, write_atomic
 
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 # Bump when the rootfs recipe below changes, so cached roots are rebuilt.
@@ -114,11 +114,12 @@ def suite_uri(suite: str) -> str:
 class PrivateApt:
     """apt-get/apt-cache on a private state dir holding only the given suites."""
 
-    def __init__(self, name: str, suites: Iterable[str]):
+    def __init__(self, name: str, suites: Iterable[str], arch: str = "amd64"):
         self.suites = list(suites)
-        self.root = cache_dir("apt", name)
+        self.arch = arch
+        self.root = cache_dir("apt", name if arch == "amd64" else f"{name}-{arch}")
         self.sources = self.root / "sources.list"
-        lines = [f"deb [arch=amd64 signed-by={KEYRING}] {suite_uri(s)} {s} main" for s in self.suites]
+        lines = [f"deb [arch={arch} signed-by={KEYRING}] {suite_uri(s)} {s} main" for s in self.suites]
         text = "\n".join(lines) + "\n"
         if not self.sources.exists() or self.sources.read_text() != text:
             write_atomic(self.sources, text.encode())
@@ -135,8 +136,8 @@ class PrivateApt:
             "Dir::State::Lists": str(self.root / "lists"),
             "Dir::State::Status": str(self.root / "status"),
             "Dir::Cache": str(self.root / "cache"),
-            "APT::Architecture": "amd64",
-            "APT::Architectures": "amd64",
+            "APT::Architecture": self.arch,
+            "APT::Architectures": self.arch,
             # Downloads land in our own scratch dirs, which the _apt user cannot write to.
             "APT::Sandbox::User": "root",
             # testing/unstable Release files expire within days; mirrors that are snapshots lag.
@@ -251,7 +252,7 @@ def ensure_kernel(spec: KernelSpec, refresh: bool = False) -> dict:
         rec = cached_kernel(spec)
         if rec and not refresh:
             return rec
-        apt = PrivateApt("-".join(spec.suites), spec.suites)
+        apt = PrivateApt("-".join(spec.suites), spec.suites, spec.arch)
         apt.update()
         rx = re.compile(spec.package)
         names = [n for n in apt.pkgnames() if rx.match(n)]
@@ -274,7 +275,7 @@ def ensure_kernel(spec: KernelSpec, refresh: bool = False) -> dict:
             matrix.rmtree(scratch)
         previous, rec = rec, {
             "id": spec.id, "package": name, "version": version, "release": _release_from_path(member),
-            "suites": spec.suites, "vmlinuz": str((final_dir / "vmlinuz").relative_to(CACHE)),
+            "suites": spec.suites, "arch": spec.arch, "vmlinuz": str((final_dir / "vmlinuz").relative_to(CACHE)),
             "size": (final_dir / "vmlinuz").stat().st_size, "sha256": _sha256(final_dir / "vmlinuz"),
             "resolved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -288,9 +289,13 @@ def ensure_kernel(spec: KernelSpec, refresh: bool = False) -> dict:
 # --- guest root filesystems ----------------------------------------------------------------
 
 def rootfs_key(ul: Userland) -> str:
-    recipe = json.dumps([ROOTFS_RECIPE, ul.suite, sorted(ul.packages), STRIP_PATHS], sort_keys=True)
+    parts = [ROOTFS_RECIPE, ul.suite, sorted(ul.packages), STRIP_PATHS]
+    if ul.arch != "amd64":  # amd64 keys predate arm64 rows; keep them so caches stay valid
+        parts.append(ul.arch)
+    recipe = json.dumps(parts, sort_keys=True)
     # Content, not the userland's name: userlands with the same recipe share one root.
-    return f"{ul.suite}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+    name = ul.suite if ul.arch == "amd64" else f"{ul.suite}-{ul.arch}"
+    return f"{name}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
 
 
 def cached_rootfs(ul: Userland) -> Optional[dict]:
@@ -386,6 +391,42 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+BINFMT = Path("/proc/sys/fs/binfmt_misc")
+BINFMT_CONF_DIRS = ["/usr/lib/binfmt.d", "/etc/binfmt.d"]
+
+
+def ensure_binfmt(arch: str) -> None:
+    """Lets this host run `arch` binaries (debootstrap's second stage, compileall in a chroot).
+
+    Uses qemu-user-static's own binfmt entry; registers it when no service has (containers and
+    CI machines run no systemd-binfmt). The F flag makes the kernel open the interpreter now,
+    so it also works inside the chroot.
+    """
+    entry = ARCHES[arch].binfmt
+    if not entry or arch == HOST_ARCH:
+        return
+    state = BINFMT / entry
+    if state.exists() and state.read_text().splitlines()[0] == "enabled":
+        return
+    if os.geteuid() != 0:
+        raise FetchError(f"running {arch} binaries needs binfmt_misc entry {entry}; run as root")
+    if not (BINFMT / "register").exists():
+        proc = run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)], check=False,
+                   capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise FetchError(f"cannot mount binfmt_misc for {arch} guests: {proc.stderr.strip()}")
+    conf = next((Path(d) / f"{entry}.conf" for d in BINFMT_CONF_DIRS if (Path(d) / f"{entry}.conf").exists()), None)
+    if conf is None:
+        raise FetchError(f"building the {arch} guest root needs qemu-user-static "
+                         f"(no {entry}.conf in {' or '.join(BINFMT_CONF_DIRS)}): apt-get install qemu-user-static")
+    line = next(l for l in conf.read_text().splitlines() if l.startswith(":"))
+    if state.exists():  # registered but disabled
+        state.write_text("1")
+    else:
+        (BINFMT / "register").write_text(line)
+    log(f"binfmt_misc: registered {entry} from {conf}")
+
+
 def ensure_rootfs(ul: Userland) -> dict:
     with locked(f"rootfs-{rootfs_key(ul)}"):
         man = cached_rootfs(ul)
@@ -394,13 +435,14 @@ def ensure_rootfs(ul: Userland) -> dict:
         if os.geteuid() != 0:
             raise FetchError("building a guest root needs root (debootstrap); run as root or with sudo")
         key = rootfs_key(ul)
+        ensure_binfmt(ul.arch)
         scratch = scratch_dir(f"rootfs-{ul.id}")
         root = scratch / "root"
         started = time.monotonic()
-        log(f"rootfs {ul.id}: debootstrap {ul.suite} (+{','.join(ul.packages)})")
+        log(f"rootfs {ul.id}: debootstrap {ul.suite} {ul.arch} (+{','.join(ul.packages)})")
         try:
             with open(scratch / "debootstrap.log", "w") as dlog:
-                proc = run([*_CONTAINED, "debootstrap", "--variant=minbase", "--components=main",
+                proc = run([*_CONTAINED, "debootstrap", f"--arch={ul.arch}", "--variant=minbase", "--components=main",
                             f"--include={','.join(ul.packages)}", f"--keyring={KEYRING}",
                             ul.suite, str(root), suite_uri(ul.suite)],
                            stdout=dlog, stderr=subprocess.STDOUT, check=False, preexec_fn=_die_with_parent)
@@ -420,7 +462,7 @@ def ensure_rootfs(ul: Userland) -> dict:
             status = _dpkg_status(root)
             python_pkg = status.get("python3", "")
             man = {
-                "userland": ul.id, "suite": ul.suite, "packages": ul.packages, "key": key,
+                "userland": ul.id, "suite": ul.suite, "arch": ul.arch, "packages": ul.packages, "key": key,
                 "python": ".".join(upstream_version(python_pkg).split(".")[:2]),
                 "python_full": upstream_version(python_pkg),
                 "libbpf_package": ul.libbpf_package,

@@ -22,11 +22,34 @@ CACHE = Path(os.environ.get("ASSAY_MATRIX_CACHE", str(REPO / ".cache" / "kernel-
 
 
 @dataclass(frozen=True)
+class Arch:
+    """How to boot and build for one Debian architecture."""
+    name: str             # Debian's name: amd64, arm64
+    uname: str            # what `uname -m` prints in the guest
+    qemu: str
+    qemu_args: List[str]
+    console: str          # the kernel console device
+    result_tty: str       # where guest.py writes its JSON result; "" means the console itself
+    binfmt: str           # qemu-user binfmt entry debootstrap needs on a foreign host, "" if native
+
+
+ARCHES: Dict[str, Arch] = {
+    "amd64": Arch("amd64", "x86_64", "qemu-system-x86_64", ["-cpu", "max"], "ttyS0", "/dev/ttyS1", ""),
+    # QEMU's virt board has one PL011 UART: the result shares the console, framed by markers.
+    # pauth-impdef: the architected pointer-auth algorithm costs a lot of time under TCG.
+    "arm64": Arch("arm64", "aarch64", "qemu-system-aarch64",
+                  ["-machine", "virt", "-cpu", "max,pauth-impdef=on"], "ttyAMA0", "", "qemu-aarch64"),
+}
+HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+
+
+@dataclass(frozen=True)
 class KernelSpec:
     id: str
     suites: List[str]
     package: str
     vmlinuz: str
+    arch: str = "amd64"
 
 
 @dataclass(frozen=True)
@@ -38,6 +61,7 @@ class Userland:
     libbpf_soname: str
     libbpf_version: str
     python: str
+    arch: str = "amd64"
 
 
 @dataclass(frozen=True)
@@ -49,7 +73,12 @@ class Row:
     reason: str
     lsm: str
     timeout: int
+    default: bool = True  # part of a plain `make matrix` run; other rows run when named
     extra: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def arch(self) -> Arch:
+        return ARCHES[self.kernel.arch]
 
 
 class MatrixError(Exception):
@@ -69,8 +98,15 @@ def say(tag: str, msg: str) -> None:
 def load(path: Path = MATRIX_FILE) -> List[Row]:
     doc = YAML(typ="safe", pure=True).load(path.read_text())
     defaults = doc.get("defaults") or {}
+    def arch_of(kind: str, key: str, v: dict) -> str:
+        arch = str(v.get("arch", "amd64"))
+        if arch not in ARCHES:
+            raise MatrixError(f"{kind} {key}: arch must be one of {', '.join(ARCHES)}, not {arch!r}")
+        return arch
+
     kernels = {
-        str(k): KernelSpec(str(k), [str(s) for s in v["suites"]], str(v["package"]), str(v["vmlinuz"]))
+        str(k): KernelSpec(str(k), [str(s) for s in v["suites"]], str(v["package"]), str(v["vmlinuz"]),
+                           arch_of("kernel", k, v))
         for k, v in doc["kernels"].items()
     }
     userlands = {}
@@ -79,6 +115,7 @@ def load(path: Path = MATRIX_FILE) -> List[Row]:
         userlands[str(k)] = Userland(
             str(k), str(v["suite"]), [str(p) for p in v["packages"]],
             str(lib["package"]), str(lib["soname"]), str(lib["version"]), str(v["python"]),
+            arch_of("userland", k, v),
         )
     rows = []
     seen = set()
@@ -96,17 +133,23 @@ def load(path: Path = MATRIX_FILE) -> List[Row]:
             kernel, userland = kernels[str(r["kernel"])], userlands[str(r["userland"])]
         except KeyError as e:
             raise MatrixError(f"row {rid}: unknown kernel or userland {e}") from None
+        if kernel.arch != userland.arch:
+            raise MatrixError(f"row {rid}: kernel {kernel.id} is {kernel.arch} but userland "
+                              f"{userland.id} is {userland.arch}")
         rows.append(Row(
             id=rid, kernel=kernel, userland=userland, expect=expect, reason=str(r.get("reason", "")),
             lsm=str(r.get("lsm", defaults.get("lsm", "lockdown,capability,landlock,bpf"))),
             timeout=int(r.get("timeout", defaults.get("timeout", 300))),
+            default=bool(r.get("default", True)),
         ))
     return rows
 
 
 def select(rows: List[Row], wanted: Optional[str]) -> List[Row]:
-    """`wanted` is a comma separated list of row ids; empty means all rows."""
+    """`wanted` is a comma separated list of row ids; empty means the default rows, `all` all rows."""
     if not wanted:
+        return [r for r in rows if r.default]
+    if wanted.strip() == "all":
         return rows
     ids = [w.strip() for w in wanted.split(",") if w.strip()]
     by_id = {r.id: r for r in rows}

@@ -147,7 +147,7 @@ def compile_wheel(wheel_dir: Path, rootfs: dict) -> None:
 
 # --- dependencies for one guest Python -----------------------------------------------------
 
-def marker_env(python_full: str) -> Dict[str, str]:
+def marker_env(python_full: str, machine: str = "x86_64") -> Dict[str, str]:
     return {
         "python_version": ".".join(python_full.split(".")[:2]),
         "python_full_version": python_full,
@@ -155,7 +155,7 @@ def marker_env(python_full: str) -> Dict[str, str]:
         "implementation_version": python_full,
         "platform_python_implementation": "CPython",
         "platform_system": "Linux",
-        "platform_machine": "x86_64",
+        "platform_machine": machine,
         "platform_release": "",
         "platform_version": "",
         "os_name": "posix",
@@ -170,8 +170,8 @@ def _applies(req: Requirement, env: Dict[str, str], extras: Iterable[str]) -> bo
     return any(req.marker.evaluate(dict(env, extra=e)) for e in [""] + sorted(extras))
 
 
-def root_requirements(wheel: Path, python_full: str) -> List[Requirement]:
-    env = marker_env(python_full)
+def root_requirements(wheel: Path, python_full: str, machine: str = "x86_64") -> List[Requirement]:
+    env = marker_env(python_full, machine)
     return [r for r in map(Requirement, wheel_requirements(wheel))
             if canonicalize_name(r.name) not in SKIP and _applies(r, env, [TEST_EXTRA])]
 
@@ -196,9 +196,10 @@ def _strip_marker(req: Requirement) -> str:
     return f"{req.name}{extras}{req.specifier}"
 
 
-def _problems(target: Path, roots: List[Requirement], python_full: str) -> Tuple[List[str], List[str]]:
+def _problems(target: Path, roots: List[Requirement], python_full: str,
+              machine: str = "x86_64") -> Tuple[List[str], List[str]]:
     """(requirements to add, constraints to add) for the guest's marker environment."""
-    env = marker_env(python_full)
+    env = marker_env(python_full, machine)
     dists = _installed(target)
     wanted: List[Requirement] = list(roots)
     extras: Dict[str, Set[str]] = {}
@@ -235,9 +236,12 @@ def _problems(target: Path, roots: List[Requirement], python_full: str) -> Tuple
 
 def ensure_deps(wheel: Path, rootfs: dict) -> Path:
     python_full = rootfs["python_full"]
-    roots = root_requirements(wheel, python_full)
-    recipe = json.dumps([DEPS_RECIPE, python_full, sorted(str(r) for r in roots)])
-    key = f"deps-py{python_full}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+    machine = matrix.ARCHES[rootfs.get("arch", "amd64")].uname
+    roots = root_requirements(wheel, python_full, machine)
+    recipe = [DEPS_RECIPE, python_full, sorted(str(r) for r in roots)]
+    if machine != "x86_64":  # only pure-Python wheels are used, but markers may differ
+        recipe.append(machine)
+    key = f"deps-py{python_full}-{hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12]}"
     final = cache_dir("payload") / key
     with locked(key):
         if (final / ".complete").exists():
@@ -260,7 +264,7 @@ def ensure_deps(wheel: Path, rootfs: dict) -> Path:
                 nodeps = [_strip_marker(r) for r in roots if canonicalize_name(r.name) in NO_DEPS]
                 if nodeps:
                     _pip(common + ["--no-deps", "--upgrade"] + nodeps)
-                add, cons = _problems(target, roots, python_full)
+                add, cons = _problems(target, roots, python_full, machine)
                 add = [a for a in add if a not in extra]
                 cons = [c for c in cons if c not in constraints]
                 if not add and not cons:

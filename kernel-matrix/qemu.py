@@ -1,9 +1,10 @@
 """Booting one matrix guest under QEMU (TCG), shared by run.py and demo.py.
 
 The guest's root is an initramfs: the cached rootfs cpio with a small payload cpio appended
-(the kernel unpacks concatenated archives in order, later files win). ttyS0 is the console
-(QEMU's stdout, logged and optionally echoed); ttyS1 is a file that carries only the JSON
-result written by guest/guest.py.
+(the kernel unpacks concatenated archives in order, later files win). The first serial line is
+the console (QEMU's stdout, logged and optionally echoed). On amd64 a second one (ttyS1) is a
+file that carries only the JSON result written by guest/guest.py; arm64's virt board has one
+UART, so there the result comes framed on the console.
 """
 from __future__ import annotations
 
@@ -25,12 +26,11 @@ from typing import Callable, Iterator, List, Optional, Union
 
 import matrix
 import payload
-from matrix import Row, cache_dir
+from matrix import ARCHES, Arch, Row, cache_dir
 
 BEGIN, END = "ASSAY-VM-RESULT-BEGIN", "ASSAY-VM-RESULT-END"
-QEMU = os.environ.get("QEMU", "qemu-system-x86_64")
 # KVM hangs on the machines this project runs on (see shared/ENVIRONMENT.md): always TCG.
-QEMU_ARGS = ["-accel", "tcg,thread=multi", "-cpu", "max", "-m", "2048", "-smp", "2",
+QEMU_ARGS = ["-accel", "tcg,thread=multi", "-m", "2048", "-smp", "2",
              "-nographic", "-no-reboot", "-monitor", "none", "-nic", "none"]
 GUEST_TIMEOUT_MARGIN = 45
 # SeaBIOS clears the screen and the serial line adds \r: keep the echoed console plain.
@@ -117,14 +117,14 @@ class Boot:
 
 
 def read_result(path: Path) -> Union[dict, str]:
-    """The guest's JSON result from the ttyS1 capture, or a reason why there is none."""
+    """The guest's JSON result from the result line's capture, or a reason why there is none."""
     try:
         text = path.read_bytes().decode("utf-8", "replace").replace("\r", "")
     except OSError as e:
         return f"no result file: {e}"
     if BEGIN not in text:
         return "the guest sent no result"
-    body = text.split(BEGIN, 1)[1]
+    body = text.rsplit(BEGIN, 1)[1]  # the last one: on a shared console, test output came first
     if END not in body:
         return "the guest's result is truncated"
     try:
@@ -158,12 +158,22 @@ def vm_slot() -> Iterator[None]:
         time.sleep(0.5)
 
 
+def qemu_argv(arch: Arch, kernel: Path, initrd: Path, lsm: str, result_file: Path) -> List[str]:
+    append = f"console={arch.console} panic=-1 quiet rdinit=/init lsm={lsm} random.trust_cpu=on"
+    qemu = os.environ.get(f"QEMU_{arch.name.upper()}", arch.qemu)
+    argv = [qemu, *QEMU_ARGS, *arch.qemu_args, "-kernel", str(kernel), "-initrd", str(initrd),
+            "-append", append, "-serial", "stdio"]
+    if arch.result_tty:
+        argv += ["-serial", f"file:{result_file}"]
+    return argv
+
+
 def boot(kernel: Path, initrd: Path, lsm: str, console_log: Path, result_file: Path,
-         timeout: float, echo: bool = False) -> Boot:
+         timeout: float, echo: bool = False, arch: Arch = ARCHES["amd64"]) -> Boot:
     """Boots one VM to power-off; kills it after `timeout` seconds. Never raises on guest failure."""
-    append = f"console=ttyS0 panic=-1 quiet rdinit=/init lsm={lsm} random.trust_cpu=on"
-    argv = [QEMU, *QEMU_ARGS, "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
-            "-serial", "stdio", "-serial", f"file:{result_file}"]
+    argv = qemu_argv(arch, kernel, initrd, lsm, result_file)
+    if not arch.result_tty:
+        result_file = console_log
     result_file.unlink(missing_ok=True)
     with vm_slot():
         return _boot(argv, console_log, result_file, timeout, echo)
@@ -266,13 +276,14 @@ def row_info(row: Row, kernel: dict, rootfs: dict, mode: str, pytest_args: List[
     """Everything the guest and its tests need to know about the row (/etc/assay-vm/row.json)."""
     return {
         "id": row.id, "expect": row.expect, "reason": row.reason,
-        "kernel_series": row.kernel.id, "kernel_release": kernel["release"],
+        "kernel_series": re.match(r"[0-9.]+", row.kernel.id).group(0).rstrip("."), "kernel_release": kernel["release"],
         "kernel_package": kernel["package"], "kernel_version": kernel["version"],
         "userland": row.userland.id, "suite": row.userland.suite,
         "python": row.userland.python, "python_full": rootfs["python_full"],
         "libbpf_package": row.userland.libbpf_package, "libbpf_soname": row.userland.libbpf_soname,
         "libbpf_version": row.userland.libbpf_version, "libbpf_version_full": rootfs["libbpf_version"],
-        "lsm": row.lsm, "mode": mode, "pytest_args": pytest_args, "cmd": cmd,
+        "lsm": row.lsm, "arch": row.arch.name, "machine": row.arch.uname,
+        "result_tty": row.arch.result_tty or f"/dev/{row.arch.console}", "mode": mode, "pytest_args": pytest_args, "cmd": cmd,
         "guest_timeout": max(timeout / 2, timeout - GUEST_TIMEOUT_MARGIN),
         "tests_dir": f"{payload.GUEST_SRC}/{tests}",
     }
@@ -290,6 +301,6 @@ def boot_row(row: Row, kernel: dict, rootfs: dict, wheel_dir: Path, deps_dir: Pa
         make_initrd(Path(rootfs["path"]), initrd,
                     lambda cpio: payload.write_payload(cpio, info, wheel_dir, deps_dir))
         return boot(Path(kernel["path"]), initrd, row.lsm, logs / f"{safe}.console.log",
-                    logs / f"{safe}.result", timeout, echo)
+                    logs / f"{safe}.result", timeout, echo, row.arch)
     finally:
         initrd.unlink(missing_ok=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Runs the `vm`-marked pytest tests inside every selected matrix row (real kernels under QEMU).
 
-    kernel-matrix/run.py [--kernels 6.1,5.10] [-k EXPR] [--timeout S] [-- extra pytest args]
+    kernel-matrix/run.py [--kernels 6.1,5.10|all] [-k EXPR] [--timeout S] [-- extra pytest args]
 
 Fetches whatever is not cached yet, boots at most two guests at once, prints a table and writes
 it as JSON to .cache/kernel-matrix/results.json. Exits 1 if a row expected to pass did not
@@ -100,7 +100,8 @@ def table(entries: List[dict]) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description="Run the vm tests in every kernel-matrix row.")
     ap.add_argument("--matrix", type=Path, default=matrix.MATRIX_FILE, help="matrix file (default: matrix.yaml)")
-    ap.add_argument("--kernels", help="comma separated row ids from matrix.yaml (default: all)")
+    ap.add_argument("--kernels", help="comma separated row ids from matrix.yaml, or `all` "
+                    "(default: the rows not marked `default: false`)")
     ap.add_argument("-k", dest="keyword", help="pytest -k expression for the guest run")
     ap.add_argument("--pytest-args", default="", help="extra pytest arguments, one shell-quoted string")
     ap.add_argument("--tests", default=payload.DEFAULT_TESTS,
@@ -115,6 +116,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         rows = matrix.select(matrix.load(args.matrix), args.kernels)
         kernels, roots = fetch.fetch(rows, refresh=args.refresh)
+        for arch in sorted({r.kernel.arch for r in rows}):
+            fetch.ensure_binfmt(arch)  # byte-compiling runs the guest's python3 in its root
         wheel = payload.find_wheel()
         wheel_dir = payload.install_wheel(wheel)
         deps = {}

@@ -1,7 +1,8 @@
 """Runs inside a kernel-matrix guest, started by /init as root.
 
 Runs the selected pytest tests (or, for the demo, one shell command) with the console as
-output, sends a JSON result over the second serial line (/dev/ttyS1) and powers the VM off.
+output, sends a JSON result over the second serial line (/dev/ttyS1; on arm64 the console,
+framed) and powers the VM off.
 Only the standard library is used: it must work on every guest Python (3.9+).
 """
 import collections
@@ -19,6 +20,7 @@ import time
 ROW_FILE = "/etc/assay-vm/row.json"
 REPORT_FILE = "/tmp/assay-vm-report.json"
 RESULT_TTY = "/dev/ttyS1"
+SYSLOG_ACTION_CONSOLE_LEVEL = 8
 BEGIN, END = "ASSAY-VM-RESULT-BEGIN", "ASSAY-VM-RESULT-END"
 RB_POWER_OFF = 0x4321FEDC
 TAIL_LINES = 80
@@ -141,9 +143,16 @@ def run_command(row, env):
     return {"mode": "cmd", "exit_code": rc, "timed_out": timed_out, "tail": tail}
 
 
-def send_result(result):
+def quiet_console():
+    # The result may share the console: no kernel message may land inside the JSON line.
+    ctypes.CDLL(None, use_errno=True).klogctl(SYSLOG_ACTION_CONSOLE_LEVEL, None, 1)
+
+
+def send_result(result, tty=RESULT_TTY):
     data = "\n%s\n%s\n%s\n" % (BEGIN, json.dumps(result, sort_keys=True), END)
-    fd = os.open(RESULT_TTY, os.O_WRONLY | os.O_NOCTTY)
+    if tty != RESULT_TTY:
+        quiet_console()
+    fd = os.open(tty, os.O_WRONLY | os.O_NOCTTY)
     try:
         attrs = termios.tcgetattr(fd)
         attrs[1] &= ~termios.OPOST  # no \n -> \r\n rewriting on the result line
@@ -166,6 +175,7 @@ def power_off():
 def main():
     started = time.monotonic()
     result = {}
+    row = {}
     try:
         with open(ROW_FILE) as fh:
             row = json.load(fh)
@@ -180,7 +190,7 @@ def main():
         say(result["guest_error"])
     result["guest_seconds"] = round(time.monotonic() - started, 2)
     try:
-        send_result(result)
+        send_result(result, row.get("result_tty", RESULT_TTY))
     finally:
         power_off()
 

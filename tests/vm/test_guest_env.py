@@ -28,6 +28,11 @@ def test_kernel_release_matches_row(vm_row):
     assert release.startswith(vm_row["kernel_series"] + ".")
 
 
+def test_guest_runs_the_rows_architecture(vm_row):
+    # An arm64 row must really run arm64 code, not an amd64 guest by mistake.
+    assert os.uname().machine == vm_row.get("machine", "x86_64")
+
+
 def test_bpf_lsm_is_active(vm_row):
     active = Path("/sys/kernel/security/lsm").read_text().strip().split(",")
     assert "bpf" in active, f"active LSMs: {active}, booted with lsm={vm_row['lsm']}"

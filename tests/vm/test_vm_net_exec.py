@@ -151,7 +151,8 @@ def run(name, argv, fd=None):
         try:
             if fd is not None:
                 args = (ctypes.c_char_p * 2)(b"x", None)
-                libc.syscall(322, fd, b"", args, None, 0x1000)  # execveat(fd, "", AT_EMPTY_PATH)
+                nr = {"x86_64": 322, "aarch64": 281}[os.uname().machine]
+                libc.syscall(nr, fd, b"", args, None, 0x1000)  # execveat(fd, "", AT_EMPTY_PATH)
                 os._exit(100 + ctypes.get_errno())
             os.execv(argv[0], argv)
         except OSError as e:
