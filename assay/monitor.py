@@ -126,6 +126,20 @@ def exit_status(wait_status: int) -> int:
     return os.WEXITSTATUS(wait_status)
 
 
+def skip_missing_tracepoints(obj: Object, tracefs: str) -> List[str]:
+    """Turns off programs whose tracepoint this kernel lacks; returns their names.
+
+    e.g. open(2) on arm64: the syscall, and so its tracepoints, do not exist there.
+    """
+    skipped = []
+    for p in obj.programs.values():
+        if p.section.startswith("tracepoint/") and not os.path.isdir(
+                os.path.join(tracefs, "events", p.section.split("/", 1)[1])):
+            p.autoload = False
+            skipped.append(p.name)
+    return skipped
+
+
 class Monitor:
     """Owns the loaded object for one run. Nothing is pinned: when this process dies, so does BPF."""
 
@@ -154,12 +168,10 @@ class Monitor:
             raise BpfError(f"BPF object not found: {path} (run `make bpf`, or reinstall the wheel)")
         obj = Object(path)
         try:
+            skip_missing_tracepoints(obj, tracefs)
             for p in obj.programs.values():
                 if p.is_lsm and not self.enforce:
                     p.autoload = False
-                elif p.section.startswith("tracepoint/") and not os.path.isdir(
-                        os.path.join(tracefs, "events", p.section.split("/", 1)[1])):
-                    p.autoload = False  # e.g. open(2) on arm64: the syscall does not exist there
             if self.opts.ringbuf_size:
                 obj.maps["events"].set_max_entries(self.opts.ringbuf_size)
             try:

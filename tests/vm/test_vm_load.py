@@ -9,17 +9,24 @@ import pytest
 
 from assay import abi, enforce, system
 from assay.bpf import Object, RingBuffer
-from assay.monitor import default_object_path
+from assay.monitor import default_object_path, skip_missing_tracepoints
 
 pytestmark = pytest.mark.vm
 
 
+# Syscalls an architecture does not have: their tracepoints are absent and the loader skips them.
+ABSENT = {"x86_64": set(), "aarch64": {"assay_open_enter", "assay_open_exit"}}
+
+
 def test_every_program_loads_and_attaches():
-    assert system.ensure_tracefs()
+    tracefs = system.ensure_tracefs()
+    assert tracefs
     with Object(default_object_path()) as obj:
+        skipped = skip_missing_tracepoints(obj, tracefs)
+        assert set(skipped) == ABSENT[os.uname().machine]
         obj.load()
         links = obj.attach()
-        assert {link.program.name for link in links} == set(obj.programs)
+        assert {link.program.name for link in links} == set(obj.programs) - set(skipped)
         assert any(p.is_lsm for p in obj.programs.values())
 
 
