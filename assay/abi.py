@@ -53,12 +53,18 @@ class OpenSyscall(enum.IntEnum):
     OPEN = 2
 
 
+class NetOp(enum.IntEnum):
+    CONNECT = 0
+    SENDMSG = 1
+
+
 # C enum name -> (Python enum, prefix of its C constants)
 ENUMS = {
     "assay_event_type": (EventType, "ASSAY_EV_"),
     "assay_action": (Action, "ASSAY_ACT_"),
     "assay_counter": (Counter, "ASSAY_CNT_"),
     "assay_open_syscall": (OpenSyscall, "ASSAY_SYS_"),
+    "assay_net_op": (NetOp, "ASSAY_NET_OP_"),
 }
 
 
@@ -127,7 +133,7 @@ class BlockEvent(ctypes.Structure):
 
 class NetBlockEvent(ctypes.Structure):
     _fields_ = [("hdr", EventHeader), ("rule_id", u32), ("action", u32), ("family", u16),
-                ("port", u16), ("protocol", u16), ("_pad", u16), ("addr", u8 * 16)]
+                ("port", u16), ("protocol", u16), ("op", u16), ("addr", u8 * 16)]
 
 
 # C struct name -> mirror

@@ -18,6 +18,7 @@ TYPE_NAMES = {t: t.name.lower() for t in EventType}
 ACTION_NAMES = {a: a.name.lower() for a in abi.Action}
 FAMILIES = {2: "inet", 10: "inet6"}
 PROTOCOLS = {6: "tcp", 17: "udp"}
+NET_OPS = {0: "connect", 1: "sendmsg"}
 SYSCALLS = {0: "openat", 1: "openat2", 2: "open"}
 
 # Control characters, backslash, and the surrogates that surrogateescape makes of invalid UTF-8.
@@ -158,10 +159,10 @@ class Decoder:
         ev.update(path=self._path(typ, data, plen), dev=dev, ino=ino, gen=gen)
 
     def _net_block(self, typ, data, ev):
-        rule_id, action, family, port, proto, _pad, addr = self._fields(typ, data)
+        rule_id, action, family, port, proto, op, addr = self._fields(typ, data)
         self._rule(ev, rule_id, action)
         ev.update(family=FAMILIES.get(family, str(family)), addr=_addr(family, addr), port=port,
-                  protocol=PROTOCOLS.get(proto, str(proto)))
+                  protocol=PROTOCOLS.get(proto, str(proto)), op=NET_OPS.get(op, str(op)))
 
 
 def to_json(ev: dict) -> str:
@@ -192,7 +193,9 @@ def to_text(ev: dict) -> str:
                 f"action={ev['action']} dev={ev['dev']} ino={ev['ino']} gen={ev['gen']}")
     if t in ("net_blocked", "net_alert"):
         verb = "BLOCKED" if t.endswith("blocked") else "ALERT"
-        return f"{who} {verb} CONNECT {ev['addr']}:{ev['port']} rule={ev['rule']} action={ev['action']}"
+        host = f"[{ev['addr']}]" if ev["family"] == "inet6" else ev["addr"]
+        return (f"{who} {verb} {ev.get('op', 'connect').upper()} {host}:{ev['port']} "
+                f"rule={ev['rule']} action={ev['action']}")
     if t == "process_killed":
         return f"{who} KILLED with {ev['signal']} rule={ev['rule']}"
     return f"{who} {t}"

@@ -21,6 +21,7 @@ $assay monitor --format text --policy "$here/demo-policy.yaml" -- sh -c '
   cat /srv/demo/app.conf
   echo "created later" > /srv/demo/keys/new-key || echo "(new file in keys/ refused)"
   python3 -c "import socket; socket.create_connection((\"127.0.0.1\", 9))" 2>&1 | tail -1
+  python3 -c "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b\"x\", (\"127.0.0.1\", 9))" 2>&1 | tail -1
   exit 3' > /tmp/demo-events.txt
 status=$?
 echo "== events (opens, forks, execs and exits left out)"

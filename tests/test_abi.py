@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from assay import abi, btf
+from assay import abi, btf, events
 from assay.monitor import default_object_path
 
 pytestmark = pytest.mark.skipif(not os.path.exists(default_object_path()),
@@ -45,3 +45,20 @@ def test_a_drifted_mirror_is_caught(obj_btf):
         _fields_ = [("ino", ctypes.c_uint64), ("gen", ctypes.c_uint32), ("dev", ctypes.c_uint32)]
     _, members = obj_btf.struct("assay_inode_key")
     assert [(n, getattr(Drifted, n).offset) for n, _ in Drifted._fields_] != [(m.name, m.offset) for m in members]
+
+
+@pytest.mark.parametrize("op,family,raw,addr,verb", [
+    (abi.NetOp.CONNECT, 2, bytes([127, 0, 0, 53]) + bytes(12), "127.0.0.53", "CONNECT 127.0.0.53:53"),
+    (abi.NetOp.SENDMSG, 10, bytes(15) + b"\x01", "::1", "SENDMSG [::1]:53"),
+])
+def test_net_block_record_decodes_with_its_operation(op, family, raw, addr, verb):
+    # A record laid out by the mirror decodes field for field, the operation included.
+    ev = abi.NetBlockEvent(rule_id=3, action=int(abi.Action.DENY), family=family, port=53, protocol=17,
+                           op=int(op))
+    ev.hdr.type = int(abi.EventType.NET_BLOCKED)
+    ev.hdr.pid = 42
+    ctypes.memmove(ev.addr, raw, 16)
+    out = events.Decoder({3: "no-dns"}).decode(bytes(ev))
+    assert out["type"] == "net_blocked" and out["op"] == op.name.lower()
+    assert (out["addr"], out["port"], out["protocol"], out["rule"]) == (addr, 53, "udp", "no-dns")
+    assert f"BLOCKED {verb} rule=no-dns" in events.to_text(out)

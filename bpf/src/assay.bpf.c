@@ -10,6 +10,9 @@
 #define SIGKILL 9
 #define AF_INET 2
 #define AF_INET6 10
+#define SOCK_STREAM 1
+#define SS_UNCONNECTED 1
+#define MSG_FASTOPEN 0x20000000
 #define FMODE_EXEC 0x20
 /* execve's opens carry this in f_flags (an octal 040 no O_* flag uses); newer kernels also
  * set FMODE_EXEC in f_mode. */
@@ -118,6 +121,7 @@ struct assay_btf_anchor {
 	enum assay_action a;
 	enum assay_counter c;
 	enum assay_open_syscall s;
+	enum assay_net_op o;
 	struct assay_exit_event exit;
 	struct assay_fork_event fork;
 	struct assay_connect_event connect;
@@ -675,7 +679,7 @@ static __always_inline struct assay_port_range *port_match(struct assay_net_valu
 }
 
 static __always_inline void emit_net_block(struct assay_port_range *r, __u16 family, __u16 port, __u16 proto,
-					   const void *addr, __u32 addr_len)
+					   __u16 op, const void *addr, __u32 addr_len)
 {
 	struct assay_net_block_event ev = {};
 
@@ -685,20 +689,15 @@ static __always_inline void emit_net_block(struct assay_port_range *r, __u16 fam
 	ev.family = family;
 	ev.port = port;
 	ev.protocol = proto;
+	ev.op = op;
 	bpf_probe_read_kernel(ev.addr, addr_len & 31, addr);
 	emit(&ev, sizeof(ev));
 }
 
-SEC("lsm/socket_connect")
-int BPF_PROG(assay_socket_connect, struct socket *sock, struct sockaddr *address, int addrlen, int ret)
+/* The net rules' verdict on one destination (a kernel copy of the caller's sockaddr). */
+static __always_inline int judge_net(struct assay_config *cfg, struct socket *sock, struct sockaddr *address,
+				     __u16 op)
 {
-	struct assay_config *cfg = get_config();
-
-	if (ret || !cfg || !cfg->enforce || !cfg->net_rules)
-		return ret;
-	if (!in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
-		return 0;
-
 	__u16 family = BPF_CORE_READ(address, sa_family);
 	__u16 proto = BPF_CORE_READ(sock, sk, sk_protocol);
 	struct assay_lpm4_key k4 = {.prefixlen = 32};
@@ -742,8 +741,42 @@ int BPF_PROG(assay_socket_connect, struct socket *sock, struct sockaddr *address
 	if (!deny)
 		return 0;
 	if (v4)
-		emit_net_block(deny, AF_INET, port, proto, k4.addr, 4);
+		emit_net_block(deny, AF_INET, port, proto, op, k4.addr, 4);
 	else
-		emit_net_block(deny, AF_INET6, port, proto, k6.addr, 16);
+		emit_net_block(deny, AF_INET6, port, proto, op, k6.addr, 16);
 	return act(deny->action);
+}
+
+SEC("lsm/socket_connect")
+int BPF_PROG(assay_socket_connect, struct socket *sock, struct sockaddr *address, int addrlen, int ret)
+{
+	struct assay_config *cfg = get_config();
+
+	if (ret || !cfg || !cfg->enforce || !cfg->net_rules)
+		return ret;
+	if (!in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
+		return 0;
+	return judge_net(cfg, sock, address, ASSAY_NET_OP_CONNECT);
+}
+
+/* A destination given with the data never passes socket_connect: sendto/sendmsg on an
+ * unconnected (or connected: UDP honours it) datagram socket, and TCP Fast Open's implicit
+ * connect. Without this hook, an unconnected UDP socket would reach any denied address. */
+SEC("lsm/socket_sendmsg")
+int BPF_PROG(assay_socket_sendmsg, struct socket *sock, struct msghdr *msg, int size, int ret)
+{
+	struct assay_config *cfg = get_config();
+
+	if (ret || !cfg || !cfg->enforce || !cfg->net_rules)
+		return ret;
+	struct sockaddr *address = BPF_CORE_READ(msg, msg_name);
+	if (!address || BPF_CORE_READ(msg, msg_namelen) < (int)sizeof(__u16))
+		return 0; /* no destination: the socket's peer, judged at connect */
+	/* A stream socket ignores the address, except to open a Fast Open connection. */
+	if (BPF_CORE_READ(sock, type) == SOCK_STREAM &&
+	    (!(BPF_CORE_READ(msg, msg_flags) & MSG_FASTOPEN) || BPF_CORE_READ(sock, state) != SS_UNCONNECTED))
+		return 0;
+	if (!in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
+		return 0;
+	return judge_net(cfg, sock, address, ASSAY_NET_OP_SENDMSG);
 }

@@ -46,6 +46,13 @@ enum assay_open_syscall {
 	ASSAY_SYS_OPEN = 2,   /* legacy open(2): x86_64 only */
 };
 
+/* Which operation a net rule stopped: connect(2), or a datagram sent to an explicit address
+ * (sendto/sendmsg on an unconnected socket, or TCP Fast Open's implicit connect). */
+enum assay_net_op {
+	ASSAY_NET_OP_CONNECT = 0,
+	ASSAY_NET_OP_SENDMSG = 1,
+};
+
 struct assay_config {
 	__u32 scope_all;      /* every process on the host */
 	__u32 scope_cgroup;   /* cgroup_id below is set: it and its descendants are in scope */
@@ -181,7 +188,7 @@ struct assay_net_block_event {
 	__u16 family;
 	__u16 port;
 	__u16 protocol;
-	__u16 _pad;
+	__u16 op;             /* enum assay_net_op */
 	__u8 addr[16];
 };
 

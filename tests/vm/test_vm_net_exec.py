@@ -17,11 +17,22 @@ PY = sys.executable
 CONNECT = r'''
 import json, socket, sys
 out = {}
-for name, fam, typ, addr in json.loads(sys.argv[1]):
+for name, fam, typ, addr, *how in json.loads(sys.argv[1]):
+    op = how[0] if how else "connect"
     s = socket.socket(getattr(socket, fam), getattr(socket, typ))
-    s.settimeout(5)
+    s.settimeout(None if op == "fastopen" else 5)  # a non-blocking Fast Open ends in EINPROGRESS
     try:
-        s.connect(tuple(addr))
+        if op == "connect":
+            s.connect(tuple(addr))
+        elif op == "sendto":
+            s.sendto(b"x", tuple(addr))
+        elif op == "sendmsg":
+            s.sendmsg([b"x"], [], 0, tuple(addr))
+        elif op == "connected_sendto":  # UDP sends to an explicit address even when connected
+            s.connect(tuple(how[1]))
+            s.sendto(b"x", tuple(addr))
+        elif op == "fastopen":  # TCP Fast Open: connect and send in one sendto
+            s.sendto(b"x", 0x20000000, tuple(addr))
         out[name] = "ok"
     except OSError as e:
         out[name] = {1: "EPERM", 111: "ECONNREFUSED"}.get(e.errno, str(e.errno))
@@ -107,6 +118,15 @@ def test_connect_v4_v6_mapped_udp_and_exceptions(assay_cmd, tmp_path, servers):
         ("udp_denied", "AF_INET", "SOCK_DGRAM", ["127.0.0.53", 53]),
         ("cidr_denied", "AF_INET", "SOCK_STREAM", ["127.0.0.2", a6]),
         ("cidr_exception", "AF_INET", "SOCK_STREAM", ["127.0.0.1", a6]),
+        # A destination given with the data, never through connect(2).
+        ("udp_sendto_denied", "AF_INET", "SOCK_DGRAM", ["127.0.0.53", 53], "sendto"),
+        ("udp_sendmsg_denied", "AF_INET", "SOCK_DGRAM", ["127.0.0.53", 53], "sendmsg"),
+        ("udp6_sendto_denied", "AF_INET6", "SOCK_DGRAM", ["::1", d6], "sendto"),
+        ("udp_sendto_allowed", "AF_INET", "SOCK_DGRAM", ["127.0.0.1", a4], "sendto"),
+        ("udp_connected_sendto_denied", "AF_INET", "SOCK_DGRAM", ["127.0.0.53", 53], "connected_sendto",
+         ["127.0.0.1", a4]),
+        ("tfo_denied", "AF_INET", "SOCK_STREAM", ["127.0.0.1", d4], "fastopen"),
+        ("tfo_allowed", "AF_INET", "SOCK_STREAM", ["127.0.0.1", a4], "fastopen"),
     ]
     p, evs = monitor(assay_cmd, tmp_path, pol, [PY, "-c", CONNECT, json.dumps(cases)])
     assert p.returncode == 0, p.stderr
@@ -115,7 +135,15 @@ def test_connect_v4_v6_mapped_udp_and_exceptions(assay_cmd, tmp_path, servers):
     assert got["udp_denied"] == got["cidr_denied"] == "EPERM"
     assert got["v4_allowed"] == got["v6_allowed"] == "ok"
     assert got["cidr_exception"] != "EPERM"  # reaches the network (refused or connected)
+    assert got["udp_sendto_denied"] == got["udp_sendmsg_denied"] == got["udp6_sendto_denied"] == "EPERM"
+    assert got["udp_connected_sendto_denied"] == got["tfo_denied"] == "EPERM"
+    assert got["udp_sendto_allowed"] == "ok"
+    assert got["tfo_allowed"] != "EPERM"  # "ok" where the guest's net.ipv4.tcp_fastopen allows clients
     blocked = [e for e in evs if e["type"] == "net_blocked"]
+    sent = [e for e in blocked if e["op"] == "sendmsg"]
+    assert len(sent) == 5 and {e["protocol"] for e in sent} == {"udp", "tcp"}
+    assert {(e["addr"], e["port"]) for e in sent} == {("127.0.0.53", 53), ("::1", d6), ("127.0.0.1", d4)}
+    blocked = [e for e in blocked if e["op"] == "connect"]
     assert {e["rule"] for e in blocked} == {"no-port", "no-dns-host", "lo-net"}
     udp = [e for e in blocked if e["rule"] == "no-dns-host"][0]
     assert udp["protocol"] == "udp" and udp["addr"] == "127.0.0.53" and udp["port"] == 53
