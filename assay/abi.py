@@ -123,7 +123,7 @@ class OpenEvent(ctypes.Structure):
 
 class ConnectEvent(ctypes.Structure):
     _fields_ = [("hdr", EventHeader), ("ret", s32), ("fd", s32), ("family", u16), ("port", u16),
-                ("addr", u8 * 16), ("_pad", u32)]
+                ("addr", u8 * 16), ("op", u16), ("_pad", u16)]
 
 
 class BlockEvent(ctypes.Structure):

@@ -140,9 +140,9 @@ class Decoder:
             ev["error"] = _errname(ret)
 
     def _connect(self, typ, data, ev):
-        ret, fd, family, port, addr, _ = self._fields(typ, data)
+        ret, fd, family, port, addr, op, _ = self._fields(typ, data)
         ev.update(family=FAMILIES.get(family, str(family)), addr=_addr(family, addr), port=port, ret=ret,
-                  fd=fd)
+                  fd=fd, op=NET_OPS.get(op, str(op)))
         if ret < 0:
             ev["error"] = _errname(ret)
 
@@ -186,7 +186,7 @@ def to_text(ev: dict) -> str:
     if t == "connect":
         res = ev.get("error") or ev["ret"]
         host = f"[{ev['addr']}]" if ev["family"] == "inet6" else ev["addr"]
-        return f"{who} connect {host}:{ev['port']} = {res}"
+        return f"{who} {ev.get('op', 'connect')} {host}:{ev['port']} = {res}"
     if t in ("file_blocked", "exec_blocked", "file_alert", "exec_alert"):
         verb = "BLOCKED" if t.endswith("blocked") else "ALERT"
         return (f"{who} {verb} {t.split('_')[0].upper()} {ev['path']} rule={ev['rule']} "

@@ -87,6 +87,7 @@ def test_command_events_exec_open_connect(assay_cmd, tmp_path, listener):
     conns = [e for e in evs if e["type"] == "connect" and e["port"] == listener]
     assert len(conns) == 1 and conns[0]["addr"] == "127.0.0.1" and conns[0]["ret"] == 0
     assert conns[0]["family"] == "inet" and conns[0]["ppid"] == sh_pid
+    assert conns[0]["op"] == "connect"
     exits = [e for e in evs if e["type"] == "exit" and e["pid"] == sh_pid]
     assert exits and exits[0]["exit_code"] == 0
     for e in evs:
@@ -96,6 +97,35 @@ def test_command_events_exec_open_connect(assay_cmd, tmp_path, listener):
     assert all(e["pid"] != os.getpid() for e in evs)
     s = summary_of(p.stderr)
     assert s["dropped"] == 0 and s["total"] == len(evs) and s["exit_status"] == 0
+
+
+SENDS = r'''
+import socket, sys
+port = int(sys.argv[1])
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(50):                                   # one destination, many datagrams
+    u.sendto(b"x", ("127.0.0.1", port))
+u.sendmsg([b"x"], [], 0, ("127.0.0.2", port))         # sendmsg with an address
+u6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+u6.sendto(b"x", ("::1", port))
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+c.connect(("127.0.0.3", port))
+c.send(b"x")                                          # no address: judged by its connect
+'''
+
+
+def test_sends_that_name_a_destination_are_reported_once_per_process(assay_cmd, tmp_path):
+    # Recordings must see every destination the net rules judge, sendto/sendmsg ones included.
+    out = tmp_path / "ev.jsonl"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:
+        sink.bind(("127.0.0.1", 0))
+        port = sink.getsockname()[1]
+        p = run_monitor(assay_cmd, ["-o", str(out), "--", PY, "-c", SENDS, str(port)])
+    assert p.returncode == 0, p.stderr
+    nets = [(e["op"], e["addr"], e["port"], e["ret"]) for e in events_of(out)
+            if e["type"] == "connect" and e["port"] == port]
+    assert sorted(nets) == sorted([("sendmsg", "127.0.0.1", port, 0), ("sendmsg", "127.0.0.2", port, 0),
+                                   ("sendmsg", "::1", port, 0), ("connect", "127.0.0.3", port, 0)])
 
 
 def test_child_forked_after_start_is_in_scope(assay_cmd, tmp_path):

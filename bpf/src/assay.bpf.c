@@ -382,6 +382,24 @@ int assay_open_exit(struct trace_event_raw_sys_exit *ctx)
 /* ---------------------------------------------------------------- connect */
 
 #define KIND_CONNECT 100
+#define KIND_SEND 101
+
+/* Destinations sends already reported, per process: a UDP or QUIC workload sends thousands of
+ * datagrams to one peer, and each would otherwise cost a ring buffer record. */
+struct sent_key {
+	__u32 tgid;
+	__u16 family;
+	__u16 port;
+	__u8 addr[16];
+	__u32 failed;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct sent_key);
+	__type(value, __u8);
+} sent SEC(".maps");
 
 SEC("tracepoint/syscalls/sys_enter_connect")
 int assay_connect_enter(struct trace_event_raw_sys_enter *ctx)
@@ -398,14 +416,55 @@ int assay_connect_enter(struct trace_event_raw_sys_enter *ctx)
 	return 0;
 }
 
-SEC("tracepoint/syscalls/sys_exit_connect")
-int assay_connect_exit(struct trace_event_raw_sys_exit *ctx)
+/* A send that names its destination (sendto, sendmsg, sendmmsg's first message): reported as a
+ * connect event with op=sendmsg, so recordings see every destination the net rules judge. */
+static __always_inline int send_enter(__u64 addr, __s32 fd)
+{
+	struct assay_config *cfg = get_config();
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid;
+
+	if (!addr || !cfg || !wants(cfg, ASSAY_EV_CONNECT) || !in_scope(cfg, pid_tgid >> 32))
+		return 0;
+	struct pending_call pc = {.ptr = addr, .dfd = fd, .kind = KIND_SEND};
+	if (bpf_map_update_elem(&pending, &tid, &pc, BPF_ANY))
+		count(ASSAY_CNT_PENDING_FULL);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendto")
+int assay_sendto_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	return send_enter(ctx->args[4], (__s32)ctx->args[0]);
+}
+
+/* msg_name is the first member of struct user_msghdr, and that is the first of struct mmsghdr. */
+static __always_inline __u64 msg_name(__u64 umsg)
+{
+	__u64 name = 0;
+	bpf_probe_read_user(&name, sizeof(name), (void *)umsg);
+	return name;
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendmsg")
+int assay_sendmsg_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	return send_enter(msg_name(ctx->args[1]), (__s32)ctx->args[0]);
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendmmsg")
+int assay_sendmmsg_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	return send_enter(msg_name(ctx->args[1]), (__s32)ctx->args[0]);
+}
+
+static __always_inline int net_exit(long ret, __u32 kind)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	struct pending_call *pc = bpf_map_lookup_elem(&pending, &tid);
 	if (!pc)
 		return 0;
-	if (pc->kind != KIND_CONNECT)
+	if (pc->kind != kind)
 		goto out;
 
 	struct assay_connect_event ev = {};
@@ -424,14 +483,48 @@ int assay_connect_exit(struct trace_event_raw_sys_exit *ctx)
 	} else {
 		goto out;   /* unix and other families are not network connects */
 	}
+	if (kind == KIND_SEND) {
+		struct sent_key k = {.tgid = bpf_get_current_pid_tgid() >> 32, .family = family,
+				     .port = ev.port, .failed = ret < 0};
+		__u8 one = 1;
+		__builtin_memcpy(k.addr, ev.addr, 16);
+		if (bpf_map_update_elem(&sent, &k, &one, BPF_NOEXIST))
+			goto out; /* this process already sent there (or the map is busy) */
+		ev.op = ASSAY_NET_OP_SENDMSG;
+		ret = ret < 0 ? ret : 0; /* a byte count is not an outcome */
+	}
 	fill_header(&ev.hdr, ASSAY_EV_CONNECT);
 	ev.family = family;
-	ev.ret = (__s32)ctx->ret;
+	ev.ret = (__s32)ret;
 	ev.fd = pc->dfd;
 	emit(&ev, sizeof(ev));
 out:
 	bpf_map_delete_elem(&pending, &tid);
 	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_connect")
+int assay_connect_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return net_exit(ctx->ret, KIND_CONNECT);
+}
+
+SEC("tracepoint/syscalls/sys_exit_sendto")
+int assay_sendto_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return net_exit(ctx->ret, KIND_SEND);
+}
+
+SEC("tracepoint/syscalls/sys_exit_sendmsg")
+int assay_sendmsg_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return net_exit(ctx->ret, KIND_SEND);
+}
+
+SEC("tracepoint/syscalls/sys_exit_sendmmsg")
+int assay_sendmmsg_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return net_exit(ctx->ret, KIND_SEND);
 }
 
 /* ---------------------------------------------------------------- LSM: file enforcement */

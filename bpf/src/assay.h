@@ -165,7 +165,8 @@ struct assay_connect_event {
 	__u16 family;
 	__u16 port;
 	__u8 addr[16];
-	__u32 _pad;
+	__u16 op;             /* enum assay_net_op: connect(2), or a send naming its destination */
+	__u16 _pad;
 };
 
 /* file_blocked and exec_blocked; variable length like open events. */
