@@ -162,7 +162,45 @@ def plan(policy, rule_types: Iterable[str] = ("file_open", "proc_exec")) -> Plan
                                              "is not a directory")
                 m = f"{prefix[rule.type]}_{kind}" + ("_dirs" if subtree else "")
                 entries.append(Entry(m, ident, index, action, path))
+    entries += _keep_other_rules(entries, names, notes)
     return Plan(tuple(entries), tuple(notes), names, graceful)
+
+
+def _under(path: str, top: str) -> bool:
+    return path != top and path.startswith(top.rstrip("/") + "/")
+
+
+def _keep_other_rules(entries: List[Entry], names: Dict[int, str], notes: List[str]) -> List[Entry]:
+    """Deny entries that stop one rule's `not` from lifting another rule's deny.
+
+    The kernel lets the most specific entry win (an exception closer to the file than the deny
+    lifts it; at the same distance the deny stays) and does not know which rule an exception
+    belongs to. Where rule A's exception E lies below a deny of rule B that B itself does not
+    lift at E, B's deny is repeated at E, level with the exception, so B still applies there.
+    """
+    added: List[Entry] = []
+    exceptions = [e for e in entries if "_allow" in e.map_name]
+    for exc in exceptions:
+        kind, subtree = exc.map_name.split("_", 1)[0], exc.map_name.endswith("_dirs")
+        same_level = f"{kind}_deny" + ("_dirs" if subtree else "")
+        for rule in {e.rule_index for e in entries if e.map_name.startswith(kind + "_")} - {exc.rule_index}:
+            mine = [e for e in entries if e.rule_index == rule and e.map_name.startswith(kind + "_")]
+            if any(e.map_name == same_level and e.path == exc.path for e in mine):
+                continue  # a deny at the same level: the kernel already keeps it
+            above = [e for e in mine if e.map_name == f"{kind}_deny_dirs" and _under(exc.path, e.path)]
+            if not above:
+                continue
+            nearest = max(len(e.path) for e in above)
+            lifted = [e for e in mine if "_allow" in e.map_name and (
+                (e.map_name.endswith("_dirs") and _under(exc.path, e.path) and len(e.path) > nearest)
+                or (e.map_name == exc.map_name and e.path == exc.path))]
+            if lifted:
+                continue  # rule B excepts this path itself
+            deny = next(e for e in above if len(e.path) == nearest)
+            added.append(Entry(same_level, exc.inode, rule, deny.action, exc.path))
+            notes.append(f"rule {names[rule]}: {exc.path}{'/**' if subtree else ''} is an exception of rule "
+                         f"{names[exc.rule_index]} only; rule {names[rule]} still applies there")
+    return added
 
 
 def apply(plan_: Plan, maps: Dict[str, object]) -> int:

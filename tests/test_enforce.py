@@ -141,3 +141,24 @@ def test_policy_on_this_host_fails_closed_with_40(assay_cmd, tmp_path, obj_path)
     assert "BPF LSM" in p.stderr and "Traceback" not in p.stderr
     assert not marker.exists(), "the workload ran although enforcement failed"
 
+
+
+def _e(map_name, path, rule):
+    ident = enforce.InodeId(dev=1, ino=abs(hash(path)) % 10**9, gen=None, is_dir=map_name.endswith("_dirs"))
+    return enforce.Entry(map_name, ident, rule, enforce.abi.Action.DENY, path)
+
+
+def test_one_rules_exception_never_lifts_another_rules_deny():
+    # rule 1: deny /l/** not /l/d/pub/ok/**; rule 2: deny /l/d/** not /l/d/pub/**, /l/d/keep;
+    # rule 3: deny /s/** not /s/k; rule 4: deny /s/k (same level: the kernel keeps it already).
+    entries = [_e("file_deny_dirs", "/l", 1), _e("file_allow_dirs", "/l/d/pub/ok", 1),
+               _e("file_deny_dirs", "/l/d", 2), _e("file_allow_dirs", "/l/d/pub", 2), _e("file_allow", "/l/d/keep", 2),
+               _e("file_deny_dirs", "/s", 3), _e("file_allow", "/s/k", 3), _e("file_deny", "/s/k", 4),
+               _e("exec_deny_dirs", "/", 5)]
+    notes = []
+    added = enforce._keep_other_rules(entries, {i: f"r{i}" for i in range(1, 6)}, notes)
+    got = sorted((e.map_name, e.path, e.rule_index) for e in added)
+    # rule 1 repeats its deny where rule 2 excepts; rule 2 lifts nothing of rule 1's exception
+    # (/l/d/pub/ok is below rule 2's own exception /l/d/pub); file rules never touch exec rules.
+    assert got == [("file_deny", "/l/d/keep", 1), ("file_deny_dirs", "/l/d/pub", 1)]
+    assert len(notes) == 2 and all("is an exception of rule r2 only" in n for n in notes)

@@ -540,12 +540,15 @@ static __always_inline __u32 new_encode_dev(__u32 s_dev)
  * on its own, instead of once per path through the caller. Inlined, the nested bounded loops went
  * past its one-million-instruction limit (E2BIG on 6.1). Global functions take only scalars, so
  * kernel pointers travel as u64 and are read back with CO-RE probe reads; a match is returned
- * packed as (rule_id << 32 | action), 0 meaning none.
+ * packed as (rule_id << 32 | depth << 16 | action), 0 meaning none. depth counts the steps from
+ * the file to the matching entry (0: the file itself), so the most specific entry can win.
  */
-#define PACK(r) (((__u64)(r)->rule_id << 32) | (r)->action)
+#define PACK(r, depth) (((__u64)(r)->rule_id << 32) | ((__u64)(depth) << 16) | ((r)->action & 0xffff))
+#define MATCH_DEPTH(m) (((m) >> 16) & 0xffff)
+#define MATCH_ACTION(m) ((__u32)(m) & 0xffff)
 
 /* The seed's lookup order: (dev_new, gen), (dev_old, gen), (dev_new, 0), (dev_old, 0). */
-static __always_inline __u64 lookup_inode(void *map, struct inode *inode)
+static __always_inline __u64 lookup_inode(void *map, struct inode *inode, __u32 depth)
 {
 	struct assay_inode_key k = {};
 	struct assay_rule_ref *r;
@@ -555,17 +558,17 @@ static __always_inline __u64 lookup_inode(void *map, struct inode *inode)
 	k.dev = new_encode_dev(s_dev);
 	k.gen = BPF_CORE_READ(inode, i_generation);
 	if ((r = bpf_map_lookup_elem(map, &k)))
-		return PACK(r);
+		return PACK(r, depth);
 	k.dev = s_dev;
 	if ((r = bpf_map_lookup_elem(map, &k)))
-		return PACK(r);
+		return PACK(r, depth);
 	k.gen = 0;
 	k.dev = new_encode_dev(s_dev);
 	if ((r = bpf_map_lookup_elem(map, &k)))
-		return PACK(r);
+		return PACK(r, depth);
 	k.dev = s_dev;
 	if ((r = bpf_map_lookup_elem(map, &k)))
-		return PACK(r);
+		return PACK(r, depth);
 	return 0;
 }
 
@@ -594,7 +597,7 @@ static __always_inline __u64 lookup_ancestors(void *map, struct dentry *d, struc
 			continue;
 		}
 		d = parent;
-		if ((r = lookup_inode(map, BPF_CORE_READ(d, d_inode))))
+		if ((r = lookup_inode(map, BPF_CORE_READ(d, d_inode), i + 1)))
 			return r;
 	}
 	count(ASSAY_CNT_WALK_TRUNC);
@@ -604,7 +607,7 @@ static __always_inline __u64 lookup_ancestors(void *map, struct dentry *d, struc
 #define INODE_LOOKUPS(map)                                                                  \
 	__noinline __u64 assay_lookup_##map(__u64 inode)                                    \
 	{                                                                                   \
-		return lookup_inode(&map, (struct inode *)inode);                           \
+		return lookup_inode(&map, (struct inode *)inode, 0);                        \
 	}                                                                                   \
 	__noinline __u64 assay_ancestors_##map(__u64 dentry, __u64 vfsmount)               \
 	{                                                                                   \
@@ -677,7 +680,7 @@ static __always_inline void emit_block(enum assay_event_type type, __u64 rule, s
 	ev->dev = new_encode_dev(BPF_CORE_READ(inode, i_sb, s_dev));
 	ev->gen = BPF_CORE_READ(inode, i_generation);
 	ev->rule_id = rule >> 32;
-	ev->action = (__u32)rule;
+	ev->action = MATCH_ACTION(rule);
 	__u32 len = (ASSAY_PATH_MAX - 1 - off) & (ASSAY_PATH_MAX - 1);
 	bpf_probe_read_kernel(ev->path, len, s->path + off);
 	ev->path_len = len;
@@ -712,15 +715,19 @@ static __always_inline int act(__u32 action)
 			rule_ = assay_lookup_##prefix##_deny((__u64)inode_);                        \
 		if (!rule_ && (rules_ & ASSAY_RULES_DENY_DIRS))                                     \
 			rule_ = assay_ancestors_##prefix##_deny_dirs((__u64)d_, (__u64)mnt_);        \
-		/* A `not` exception wins over any deny. */                                         \
-		if (rule_ && (rules_ & ASSAY_RULES_ALLOW) && assay_lookup_##prefix##_allow((__u64)inode_)) \
+		/* The most specific entry wins: an exception closer to the file than the deny   \
+		 * lifts it; at the same distance the deny stays. */                              \
+		if (rule_ && MATCH_DEPTH(rule_) && (rules_ & ASSAY_RULES_ALLOW) &&                  \
+		    assay_lookup_##prefix##_allow((__u64)inode_))                                    \
 			rule_ = 0;                                                                  \
-		if (rule_ && (rules_ & ASSAY_RULES_ALLOW_DIRS) &&                                   \
-		    assay_ancestors_##prefix##_allow_dirs((__u64)d_, (__u64)mnt_))                   \
-			rule_ = 0;                                                                  \
+		if (rule_ && MATCH_DEPTH(rule_) > 1 && (rules_ & ASSAY_RULES_ALLOW_DIRS)) {         \
+			__u64 allow_ = assay_ancestors_##prefix##_allow_dirs((__u64)d_, (__u64)mnt_); \
+			if (allow_ && MATCH_DEPTH(allow_) < MATCH_DEPTH(rule_))                     \
+				rule_ = 0;                                                          \
+		}                                                                                   \
 		if (rule_) {                                                                        \
 			emit_block(type, rule_, inode_, d_, mnt_);                                  \
-			verdict_ = act((__u32)rule_);                                               \
+			verdict_ = act(MATCH_ACTION(rule_));                                        \
 		}                                                                                   \
 		verdict_;                                                                           \
 	})
@@ -758,15 +765,32 @@ int BPF_PROG(assay_bprm_check, struct linux_binprm *bprm, int ret)
 
 /* ---------------------------------------------------------------- LSM: connect enforcement */
 
-static __always_inline struct assay_port_range *port_match(struct assay_net_value *v, __u16 port)
+/* The strongest deny range for this port that its own rule's exceptions do not lift: a `not` of
+ * one rule never lifts another rule's deny. Both values list every range of every covering
+ * prefix (closed in userspace), strongest first. */
+static __always_inline struct assay_port_range *net_verdict(struct assay_net_value *deny,
+							    struct assay_net_value *allow, __u16 port)
 {
-	if (!v)
+	if (!deny)
 		return NULL;
 	for (int i = 0; i < ASSAY_NET_RANGES; i++) {
-		if (i >= v->count)
+		if (i >= deny->count)
 			break;
-		if (port >= v->ranges[i].lo && port <= v->ranges[i].hi)
-			return &v->ranges[i];
+		struct assay_port_range *d = &deny->ranges[i];
+		if (port < d->lo || port > d->hi)
+			continue;
+		bool lifted = false;
+		for (int j = 0; allow && j < ASSAY_NET_RANGES; j++) {
+			if (j >= allow->count)
+				break;
+			struct assay_port_range *a = &allow->ranges[j];
+			if (a->rule_id == d->rule_id && port >= a->lo && port <= a->hi) {
+				lifted = true;
+				break;
+			}
+		}
+		if (!lifted)
+			return d;
 	}
 	return NULL;
 }
@@ -820,16 +844,14 @@ static __always_inline int judge_net(struct assay_config *cfg, struct socket *so
 
 	if (v4) {
 		if (cfg->net_rules & ASSAY_NET_DENY4)
-			deny = port_match(bpf_map_lookup_elem(&net_deny4, &k4), port);
-		if (deny && (cfg->net_rules & ASSAY_NET_ALLOW4) &&
-		    port_match(bpf_map_lookup_elem(&net_allow4, &k4), port))
-			return 0;
+			deny = net_verdict(bpf_map_lookup_elem(&net_deny4, &k4),
+					   (cfg->net_rules & ASSAY_NET_ALLOW4) ? bpf_map_lookup_elem(&net_allow4, &k4) : NULL,
+					   port);
 	} else {
 		if (cfg->net_rules & ASSAY_NET_DENY6)
-			deny = port_match(bpf_map_lookup_elem(&net_deny6, &k6), port);
-		if (deny && (cfg->net_rules & ASSAY_NET_ALLOW6) &&
-		    port_match(bpf_map_lookup_elem(&net_allow6, &k6), port))
-			return 0;
+			deny = net_verdict(bpf_map_lookup_elem(&net_deny6, &k6),
+					   (cfg->net_rules & ASSAY_NET_ALLOW6) ? bpf_map_lookup_elem(&net_allow6, &k6) : NULL,
+					   port);
 	}
 	if (!deny)
 		return 0;

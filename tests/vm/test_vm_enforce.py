@@ -140,6 +140,38 @@ def test_subtree_covers_new_files_and_not_exception(assay_cmd, tmp_path, files):
     assert all(e["rule"] == "tree" for e in r2.of("file_blocked"))
 
 
+def test_an_exception_lifts_only_its_own_rule(assay_cmd, tmp_path, files):
+    # A `not` of one rule must never switch off another rule's deny.
+    lay, side = files / "layers", files / "side"
+    for d in (lay / "d" / "pub" / "ok", side):
+        d.mkdir(parents=True)
+    for path in (lay / "d" / "x", lay / "d" / "keep", lay / "d" / "pub" / "f", lay / "d" / "pub" / "secret",
+                 lay / "d" / "pub" / "ok" / "g", side / "keep2"):
+        path.write_text(path.name)
+    r = run_policy(assay_cmd, tmp_path, [
+        {"id": "outer", "paths": [f"{lay}/**"], "not": [f"{lay}/d/pub/ok/**"]},
+        {"id": "inner", "paths": [f"{lay}/d/**"], "not": [f"{lay}/d/pub/**", f"{lay}/d/keep"]},
+        {"id": "exact", "paths": [f"{lay}/d/pub/secret"]},
+        {"id": "side", "paths": [f"{side}/**"], "not": [f"{side}/keep2"]},
+        {"id": "no-keep2", "paths": [f"{side}/keep2"]},
+    ], [
+        {"name": "x", "op": "open", "path": str(lay / "d" / "x")},
+        {"name": "pub_f", "op": "open", "path": str(lay / "d" / "pub" / "f")},         # inner lifts, outer denies
+        {"name": "keep", "op": "open", "path": str(lay / "d" / "keep")},               # same, for an exact `not`
+        {"name": "ok_g", "op": "open", "path": str(lay / "d" / "pub" / "ok" / "g")},   # lifted by both rules
+        {"name": "secret", "op": "open", "path": str(lay / "d" / "pub" / "secret")},   # exact deny below a `not`
+        {"name": "keep2", "op": "open", "path": str(side / "keep2")},                  # exact deny level with a `not`
+        {"name": "outside", "op": "open", "path": str(files / "neighbour.txt")},
+    ])
+    assert r.proc.returncode == 0, r.proc.stderr
+    assert r.results == {"x": "EPERM", "pub_f": "EPERM", "keep": "EPERM", "ok_g": "ok", "secret": "EPERM",
+                         "keep2": "EPERM", "outside": "ok"}
+    by_path = {e["path"]: e["rule"] for e in r.of("file_blocked")}
+    assert by_path[str(lay / "d" / "pub" / "f")] == "outer" and by_path[str(lay / "d" / "keep")] == "outer"
+    assert by_path[str(lay / "d" / "pub" / "secret")] == "exact" and by_path[str(side / "keep2")] == "no-keep2"
+    assert "exception of rule inner only" in r.proc.stderr
+
+
 def test_scope_grandchild_denied_outsider_allowed(assay_cmd, tmp_path, files):
     secret = str(files / "secret.txt")
     pol = tmp_path / "policy.yaml"

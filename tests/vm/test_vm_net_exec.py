@@ -154,6 +154,23 @@ def test_connect_v4_v6_mapped_udp_and_exceptions(assay_cmd, tmp_path, servers):
         pass
 
 
+def test_net_exception_lifts_only_its_own_rule(assay_cmd, tmp_path, servers):
+    d4, a4 = servers[(socket.AF_INET, "denied")], servers[(socket.AF_INET, "allowed")]
+    pol = write_policy(tmp_path,
+                       "    - id: lo\n      type: net_connect\n"
+                       "      match: { dest_globs: ['127.0.0.0/8'], not: { dest_globs: ['127.0.0.1'] } }\n"
+                       "      action: deny\n"
+                       f"    - id: pin\n      type: net_connect\n      match: {{ dest_globs: ['127.0.0.1:{d4}'] }}\n"
+                       "      action: deny\n")
+    cases = [("pinned", "AF_INET", "SOCK_STREAM", ["127.0.0.1", d4]),      # lo lifts it, pin does not
+             ("lifted", "AF_INET", "SOCK_STREAM", ["127.0.0.1", a4]),
+             ("net", "AF_INET", "SOCK_STREAM", ["127.0.0.2", a4])]
+    p, evs = monitor(assay_cmd, tmp_path, pol, [PY, "-c", CONNECT, json.dumps(cases)])
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == {"pinned": "EPERM", "lifted": "ok", "net": "EPERM"}
+    assert sorted(e["rule"] for e in evs if e["type"] == "net_blocked") == ["lo", "pin"]
+
+
 @pytest.fixture
 def binaries(tmp_path):
     d = tmp_path / "bin"
