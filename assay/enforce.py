@@ -179,12 +179,15 @@ def _keep_other_rules(entries: List[Entry], names: Dict[int, str], notes: List[s
     lift at E, B's deny is repeated at E, level with the exception, so B still applies there.
     """
     added: List[Entry] = []
-    exceptions = [e for e in entries if "_allow" in e.map_name]
-    for exc in exceptions:
+    by_rule: Dict[Tuple[str, int], List[Entry]] = {}
+    for e in entries:
+        by_rule.setdefault((e.map_name.split("_", 1)[0], e.rule_index), []).append(e)
+    for exc in (e for e in entries if "_allow" in e.map_name):
         kind, subtree = exc.map_name.split("_", 1)[0], exc.map_name.endswith("_dirs")
         same_level = f"{kind}_deny" + ("_dirs" if subtree else "")
-        for rule in {e.rule_index for e in entries if e.map_name.startswith(kind + "_")} - {exc.rule_index}:
-            mine = [e for e in entries if e.rule_index == rule and e.map_name.startswith(kind + "_")]
+        for (k, rule), mine in by_rule.items():
+            if k != kind or rule == exc.rule_index:
+                continue
             if any(e.map_name == same_level and e.path == exc.path for e in mine):
                 continue  # a deny at the same level: the kernel already keeps it
             above = [e for e in mine if e.map_name == f"{kind}_deny_dirs" and _under(exc.path, e.path)]
