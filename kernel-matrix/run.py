@@ -33,6 +33,19 @@ def run_row(row: Row, kernel: dict, rootfs: dict, wheel_dir: Path, deps_dir: Pat
     matrix.say("run", f"{row.id}: booting {kernel['release']} with {row.userland.id} userland")
     b = qemu.boot_row(row, kernel, rootfs, wheel_dir, deps_dir, pytest_args=pytest_args, tests=tests,
                       timeout=timeout)
+    first = None
+    if b.result is None:
+        # The guest died or hung before reporting (a kernel oops or soft lockup under TCG, not a
+        # failed test): boot once more, and keep the first attempt in the results. A test that
+        # fails is never retried, and a guest that dies twice fails the row.
+        oops = [l.strip() for l in qemu.console_tail(b.console_log, 400).splitlines()
+                if any(k in l for k in ("Oops", "BUG:", "soft lockup", "Kernel panic", "RIP: 0010"))]
+        first = {"problem": b.error, "seconds": round(b.seconds, 1), "kernel_messages": oops[:8],
+                 "console_log": str(b.console_log.rename(b.console_log.with_suffix(".attempt1.log")))}
+        matrix.say("run", f"{row.id}: NO RESULT from the guest ({b.error}); kernel said: "
+                          f"{'; '.join(oops[:3]) or 'nothing'}; booting it once more")
+        b = qemu.boot_row(row, kernel, rootfs, wheel_dir, deps_dir, pytest_args=pytest_args, tests=tests,
+                          timeout=timeout)
     res = b.result or {}
     guest = res.get("guest", {})
     report = res.get("report", {})
@@ -78,8 +91,11 @@ def run_row(row: Row, kernel: dict, rootfs: dict, wheel_dir: Path, deps_dir: Pat
         "console_log": str(b.console_log),
         "tests": report.get("tests", []),
         "pytest_tail": res.get("tail", []),
+        "first_attempt": first,
     }
     verdict = status if not problems else f"{status} ({'; '.join(problems)})"
+    if first:
+        verdict += f" on the second boot; the first gave no result: {first['problem']} ({first['console_log']})"
     if status in ("FAIL", "XFAIL"):
         tail = "\n".join(res.get("tail", [])[-30:]) or qemu.console_tail(b.console_log)
         verdict += f"\n----- {row.id}: last output (full console: {b.console_log}) -----\n{tail}\n-----"
@@ -91,7 +107,8 @@ def table(entries: List[dict]) -> str:
     head = ["row", "kernel", "userland", "libbpf", "python", "pass", "fail", "skip", "secs", "status"]
     rows = [[e["row"], e["kernel_release"], e["userland"], e["libbpf"], e["python"], str(e["passed"]),
              str(e["failed"]), str(e["skipped"]), f"{e['seconds']:.0f}",
-             e["status"] + (f" ({e['reason']})" if e["status"] == "XFAIL" else "")] for e in entries]
+             e["status"] + (f" ({e['reason']})" if e["status"] == "XFAIL" else "")
+             + (" (2nd boot)" if e.get("first_attempt") else "")] for e in entries]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
@@ -150,6 +167,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     write_atomic(qemu.run_log_dir() / "results.json", data)
     write_atomic(out, data)
     failed = [e["row"] for e in entries if e["status"] == "FAIL"]
+    twice = [e["row"] for e in entries if e.get("first_attempt")]
+    if twice:
+        print(f"rows booted twice (no result from the first boot; see first_attempt in results.json): "
+              f"{', '.join(twice)}")
     print(f"\nresults: {out}")
     print(f"matrix: {len(entries) - len(failed)}/{len(entries)} rows as expected "
           f"in {total:.0f} s (artifacts {fetched:.0f} s)" + (f"; FAILED: {', '.join(failed)}" if failed else ""))

@@ -167,3 +167,36 @@ def test_mirror_override(monkeypatch):
         assert fetch.suite_uri("sid").endswith("/debian")
     finally:
         fetch.debian_mirrors.cache_clear()
+
+
+def _boot(tmp_path, name, result):
+    log = tmp_path / f"{name}.console.log"
+    log.write_text("[  1.0] Oops: int3: 0000 [#1] SMP NOPTI\n" if result is None else "ok\n")
+    return qemu.Boot(0, False, 1.0, log, result, "" if result else "the guest sent no result")
+
+
+@pytest.mark.parametrize("second_ok", [True, False])
+def test_a_guest_that_dies_is_booted_once_more(tmp_path, monkeypatch, second_ok):
+    import run
+    row = matrix.select(matrix.load(), "6.1")[0]
+    good = {"guest": {}, "report": {"counts": {"passed": 3}}, "exit_code": 0}
+    boots = [_boot(tmp_path, "a", None), _boot(tmp_path, "b", good if second_ok else None)]
+    monkeypatch.setattr(qemu, "boot_row", lambda *a, **k: boots.pop(0))
+    kernel = {"release": "r", "package": "p", "version": "v"}
+    entry = run.run_row(row, kernel, {"libbpf_version": "1.1.2", "python_full": "3.11.2"}, tmp_path, tmp_path,
+                        [], "tests/vm", None)
+    assert not boots  # booted exactly twice
+    assert entry["first_attempt"]["kernel_messages"] == ["[  1.0] Oops: int3: 0000 [#1] SMP NOPTI"]
+    assert entry["status"] == ("PASS" if second_ok else "FAIL")
+
+
+def test_a_failing_test_is_not_retried(tmp_path, monkeypatch):
+    import run
+    row = matrix.select(matrix.load(), "6.1")[0]
+    bad = {"guest": {}, "report": {"counts": {"passed": 2, "failed": 1}}, "exit_code": 1}
+    boots = [_boot(tmp_path, "a", bad), _boot(tmp_path, "b", None)]
+    monkeypatch.setattr(qemu, "boot_row", lambda *a, **k: boots.pop(0))
+    kernel = {"release": "r", "package": "p", "version": "v"}
+    entry = run.run_row(row, kernel, {"libbpf_version": "1.1.2", "python_full": "3.11.2"}, tmp_path, tmp_path,
+                        [], "tests/vm", None)
+    assert len(boots) == 1 and entry["status"] == "FAIL" and entry["first_attempt"] is None
