@@ -13,6 +13,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import attrs
 
 from assay import abi
+from assay.policy import is_below
 from assay.errors import InputError
 
 FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long)
@@ -166,10 +167,6 @@ def plan(policy, rule_types: Iterable[str] = ("file_open", "proc_exec")) -> Plan
     return Plan(tuple(entries), tuple(notes), names, graceful)
 
 
-def _under(path: str, top: str) -> bool:
-    return path != top and path.startswith(top.rstrip("/") + "/")
-
-
 def _keep_other_rules(entries: List[Entry], names: Dict[int, str], notes: List[str]) -> List[Entry]:
     """Deny entries that stop one rule's `not` from lifting another rule's deny.
 
@@ -190,12 +187,12 @@ def _keep_other_rules(entries: List[Entry], names: Dict[int, str], notes: List[s
                 continue
             if any(e.map_name == same_level and e.path == exc.path for e in mine):
                 continue  # a deny at the same level: the kernel already keeps it
-            above = [e for e in mine if e.map_name == f"{kind}_deny_dirs" and _under(exc.path, e.path)]
+            above = [e for e in mine if e.map_name == f"{kind}_deny_dirs" and is_below(exc.path, e.path)]
             if not above:
                 continue
             nearest = max(len(e.path) for e in above)
             lifted = [e for e in mine if "_allow" in e.map_name and (
-                (e.map_name.endswith("_dirs") and _under(exc.path, e.path) and len(e.path) > nearest)
+                (e.map_name.endswith("_dirs") and is_below(exc.path, e.path) and len(e.path) > nearest)
                 or (e.map_name == exc.map_name and e.path == exc.path))]
             if lifted:
                 continue  # rule B excepts this path itself

@@ -18,7 +18,7 @@ TYPE_NAMES = {t: t.name.lower() for t in EventType}
 ACTION_NAMES = {a: a.name.lower() for a in abi.Action}
 FAMILIES = {2: "inet", 10: "inet6"}
 PROTOCOLS = {6: "tcp", 17: "udp"}
-NET_OPS = {0: "connect", 1: "sendmsg"}
+NET_OPS = {o: o.name.lower() for o in abi.NetOp}
 SYSCALLS = {0: "openat", 1: "openat2", 2: "open"}
 
 # Control characters, backslash, and the surrogates that surrogateescape makes of invalid UTF-8.
@@ -169,6 +169,11 @@ def to_json(ev: dict) -> str:
     return json.dumps(ev, separators=(",", ":"))
 
 
+def _host_port(ev: dict) -> str:
+    host = f"[{ev['addr']}]" if ev["family"] == "inet6" else ev["addr"]
+    return f"{host}:{ev['port']}"
+
+
 def to_text(ev: dict) -> str:
     """One line for people; every string in ev is already escaped."""
     who = f"[{ev['pid']} {ev['comm']}]"
@@ -185,16 +190,14 @@ def to_text(ev: dict) -> str:
         return f"{who} {ev['syscall']} {ev['path']} {ev['flags']} = {res}"
     if t == "connect":
         res = ev.get("error") or ev["ret"]
-        host = f"[{ev['addr']}]" if ev["family"] == "inet6" else ev["addr"]
-        return f"{who} {ev.get('op', 'connect')} {host}:{ev['port']} = {res}"
+        return f"{who} {ev.get('op', 'connect')} {_host_port(ev)} = {res}"
     if t in ("file_blocked", "exec_blocked", "file_alert", "exec_alert"):
         verb = "BLOCKED" if t.endswith("blocked") else "ALERT"
         return (f"{who} {verb} {t.split('_')[0].upper()} {ev['path']} rule={ev['rule']} "
                 f"action={ev['action']} dev={ev['dev']} ino={ev['ino']} gen={ev['gen']}")
     if t in ("net_blocked", "net_alert"):
         verb = "BLOCKED" if t.endswith("blocked") else "ALERT"
-        host = f"[{ev['addr']}]" if ev["family"] == "inet6" else ev["addr"]
-        return (f"{who} {verb} {ev.get('op', 'connect').upper()} {host}:{ev['port']} "
+        return (f"{who} {verb} {ev.get('op', 'connect').upper()} {_host_port(ev)} "
                 f"rule={ev['rule']} action={ev['action']}")
     if t == "process_killed":
         return f"{who} KILLED with {ev['signal']} rule={ev['rule']}"

@@ -87,7 +87,7 @@ class PathGlob:
         """Lexically: is everything `other` names also named by this glob?"""
         if (other.path, other.subtree) == (self.path, self.subtree):
             return True
-        return self.subtree and _is_below(other.path, self.path)
+        return self.subtree and is_below(other.path, self.path)
 
 
 @attrs.frozen
@@ -364,7 +364,7 @@ def _parse_host(name: str, text: str) -> str:
     return host
 
 
-def _is_below(path: str, parent: str) -> bool:
+def is_below(path: str, parent: str) -> bool:
     if parent == "/":
         return path != "/"
     return path.startswith(parent + "/")

@@ -460,7 +460,8 @@ int assay_sendmmsg_enter(struct trace_event_raw_sys_enter *ctx)
 
 static __always_inline int net_exit(long ret, __u32 kind)
 {
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid;
 	struct pending_call *pc = bpf_map_lookup_elem(&pending, &tid);
 	if (!pc)
 		return 0;
@@ -484,7 +485,7 @@ static __always_inline int net_exit(long ret, __u32 kind)
 		goto out;   /* unix and other families are not network connects */
 	}
 	if (kind == KIND_SEND) {
-		struct sent_key k = {.tgid = bpf_get_current_pid_tgid() >> 32, .family = family,
+		struct sent_key k = {.tgid = pid_tgid >> 32, .family = family,
 				     .port = ev.port, .failed = ret < 0};
 		__u8 one = 1;
 		__builtin_memcpy(k.addr, ev.addr, 16);
