@@ -30,8 +30,8 @@ from matrix import ARCHES, Arch, Row, cache_dir
 
 BEGIN, END = "ASSAY-VM-RESULT-BEGIN", "ASSAY-VM-RESULT-END"
 # KVM hangs on the machines this project runs on (see shared/ENVIRONMENT.md): always TCG.
-QEMU_ARGS = ["-accel", "tcg,thread=multi", "-m", "2048", "-smp", "2",
-             "-nographic", "-no-reboot", "-monitor", "none", "-nic", "none"]
+QEMU_ARGS = ["-m", "2048", "-smp", "2", "-nographic", "-no-reboot", "-monitor", "none", "-nic", "none"]
+TCG_THREAD = "multi"
 GUEST_TIMEOUT_MARGIN = 45
 # SeaBIOS clears the screen and the serial line adds \r: keep the echoed console plain.
 TERMINAL_CONTROL = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1bc|\r")
@@ -160,8 +160,11 @@ def vm_slot() -> Iterator[None]:
 
 def qemu_argv(arch: Arch, kernel: Path, initrd: Path, lsm: str, result_file: Path) -> List[str]:
     append = f"console={arch.console} panic=-1 quiet rdinit=/init lsm={lsm} random.trust_cpu=on"
+    # For debugging a guest, e.g. ASSAY_VM_APPEND=ignore_loglevel to see every kernel message.
+    append += "".join(" " + a for a in os.environ.get("ASSAY_VM_APPEND", "").split())
     qemu = os.environ.get(f"QEMU_{arch.name.upper()}", arch.qemu)
-    argv = [qemu, *QEMU_ARGS, *arch.qemu_args, "-kernel", str(kernel), "-initrd", str(initrd),
+    tcg = os.environ.get("ASSAY_VM_TCG_THREAD", TCG_THREAD)
+    argv = [qemu, "-accel", f"tcg,thread={tcg}", *QEMU_ARGS, *arch.qemu_args, "-kernel", str(kernel), "-initrd", str(initrd),
             "-append", append, "-serial", "stdio"]
     if arch.result_tty:
         argv += ["-serial", f"file:{result_file}"]
@@ -220,6 +223,32 @@ def _boot(argv: List[str], console_log: Path, result_file: Path, timeout: float,
         return Boot(proc.returncode, timed_out, seconds, console_log, res)
     why = f"killed after {timeout:.0f} s" if timed_out else res
     return Boot(proc.returncode, timed_out, seconds, console_log, None, why)
+
+
+KERNEL_PROBLEMS = ("Oops", "BUG:", "soft lockup", "Kernel panic", "self-detected stall",
+                   "rcu_sched detected stall", "hung_task", "blocked for more than")
+TEST_START = "assay-vm: test start "  # written to /dev/kmsg by guest/assay_vm_report.py
+
+
+def kernel_problem(text: str, context: int = 30) -> dict:
+    """Where a guest that gave no result went wrong: the test that was running, and the
+    first kernel problem with the lines after it (its call trace)."""
+    lines = text.replace("\r", "").splitlines()
+    first = next((i for i, l in enumerate(lines) if any(k in l for k in KERNEL_PROBLEMS)), None)
+    upto = lines if first is None else lines[:first + 1]
+    started = [l.split(TEST_START, 1)[1].strip() for l in upto if TEST_START in l]
+    return {
+        "last_test_started": started[-1] if started else None,
+        "kernel_messages": [l.strip() for l in lines if any(k in l for k in KERNEL_PROBLEMS)][:8],
+        "first_problem": [] if first is None else [l.rstrip() for l in lines[first:first + context]],
+    }
+
+
+def console_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return ""
 
 
 def console_tail(path: Path, lines: int = 40) -> str:

@@ -38,12 +38,12 @@ def run_row(row: Row, kernel: dict, rootfs: dict, wheel_dir: Path, deps_dir: Pat
         # The guest died or hung before reporting (a kernel oops or soft lockup under TCG, not a
         # failed test): boot once more, and keep the first attempt in the results. A test that
         # fails is never retried, and a guest that dies twice fails the row.
-        oops = [l.strip() for l in qemu.console_tail(b.console_log, 400).splitlines()
-                if any(k in l for k in ("Oops", "BUG:", "soft lockup", "Kernel panic", "RIP: 0010"))]
-        first = {"problem": b.error, "seconds": round(b.seconds, 1), "kernel_messages": oops[:8],
+        first = {"problem": b.error, "seconds": round(b.seconds, 1),
+                 **qemu.kernel_problem(qemu.console_text(b.console_log)),
                  "console_log": str(b.console_log.rename(b.console_log.with_suffix(".attempt1.log")))}
-        matrix.say("run", f"{row.id}: NO RESULT from the guest ({b.error}); kernel said: "
-                          f"{'; '.join(oops[:3]) or 'nothing'}; booting it once more")
+        matrix.say("run", f"{row.id}: NO RESULT from the guest ({b.error}) during "
+                          f"{first['last_test_started'] or 'no test'}; kernel said: "
+                          f"{'; '.join(first['kernel_messages'][:3]) or 'nothing'}; booting it once more")
         b = qemu.boot_row(row, kernel, rootfs, wheel_dir, deps_dir, pytest_args=pytest_args, tests=tests,
                           timeout=timeout)
     res = b.result or {}
@@ -92,6 +92,7 @@ def run_row(row: Row, kernel: dict, rootfs: dict, wheel_dir: Path, deps_dir: Pat
         "tests": report.get("tests", []),
         "pytest_tail": res.get("tail", []),
         "first_attempt": first,
+        "no_result": qemu.kernel_problem(qemu.console_text(b.console_log)) if b.result is None else None,
     }
     verdict = status if not problems else f"{status} ({'; '.join(problems)})"
     if first:
@@ -101,6 +102,19 @@ def run_row(row: Row, kernel: dict, rootfs: dict, wheel_dir: Path, deps_dir: Pat
         verdict += f"\n----- {row.id}: last output (full console: {b.console_log}) -----\n{tail}\n-----"
     matrix.say("run", f"{row.id}: {verdict} in {b.seconds:.0f} s")
     return entry
+
+
+def hang_summary(entry: dict) -> str:
+    """For each boot of a row that gave no result: the running test and the kernel's first
+    complaint with its trace, printed last, where a CI log's tail shows it."""
+    out = ""
+    for label, info in (("first boot", entry.get("first_attempt")), ("boot", entry.get("no_result"))):
+        if not info:
+            continue
+        out += (f"\n===== {entry['row']} {label}: no result; test running: "
+                f"{info.get('last_test_started') or 'none started'}\n")
+        out += "\n".join(info.get("first_problem") or ["(no kernel problem on the console)"]) + "\n"
+    return out
 
 
 def table(entries: List[dict]) -> str:
@@ -171,6 +185,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if twice:
         print(f"rows booted twice (no result from the first boot; see first_attempt in results.json): "
               f"{', '.join(twice)}")
+    for e in entries:
+        print(hang_summary(e), end="")
     print(f"\nresults: {out}")
     print(f"matrix: {len(entries) - len(failed)}/{len(entries)} rows as expected "
           f"in {total:.0f} s (artifacts {fetched:.0f} s)" + (f"; FAILED: {', '.join(failed)}" if failed else ""))

@@ -200,3 +200,25 @@ def test_a_failing_test_is_not_retried(tmp_path, monkeypatch):
     entry = run.run_row(row, kernel, {"libbpf_version": "1.1.2", "python_full": "3.11.2"}, tmp_path, tmp_path,
                         [], "tests/vm", None)
     assert len(boots) == 1 and entry["status"] == "FAIL" and entry["first_attempt"] is None
+
+
+def test_a_hang_names_the_running_test_and_the_first_kernel_complaint():
+    import run
+    console = "\n".join([
+        "[   9.1] assay-vm: test start tests/vm/test_vm_load.py::test_attach",
+        "tests/vm/test_vm_load.py .",
+        "[  20.2] assay-vm: test start tests/vm/test_vm_enforce.py::test_deny",
+        "[ 884.9] rcu: INFO: rcu_sched self-detected stall on CPU",
+        "[ 884.9] Call Trace:",
+        "[ 884.9]  text_poke_bp_batch+0x9/0x1",
+        "[ 900.1] assay-vm: test start tests/vm/test_vm_enforce.py::test_later",
+        "[ 901.0] watchdog: BUG: soft lockup - CPU#1 stuck for 23s! [python3:92]",
+    ])
+    info = qemu.kernel_problem(console, context=3)
+    assert info["last_test_started"] == "tests/vm/test_vm_enforce.py::test_deny"
+    assert info["first_problem"] == console.splitlines()[3:6]
+    assert len(info["kernel_messages"]) == 2
+    text = run.hang_summary({"row": "5.10", "first_attempt": info, "no_result": None})
+    assert "5.10 first boot: no result; test running: tests/vm/test_vm_enforce.py::test_deny" in text
+    assert "text_poke_bp_batch" in text
+    assert run.hang_summary({"row": "6.1", "first_attempt": None, "no_result": None}) == ""

@@ -10,6 +10,7 @@ import os
 _tests = {}
 _order = []
 MESSAGE_CHARS = 3000
+TEST_START = "assay-vm: test start "
 
 
 def _set(nodeid, outcome, message="", duration=0.0):
@@ -28,6 +29,16 @@ def _skip_reason(report):
     if isinstance(lr, tuple) and len(lr) == 3:
         return str(lr[2])
     return str(getattr(report, "longreprtext", "") or lr or "")
+
+
+def pytest_runtest_logstart(nodeid, location):
+    # Into the kernel log, so a guest that hangs or oopses shows which test was running,
+    # interleaved with the kernel's own messages on the console (level 3 passes `quiet`).
+    try:
+        with open("/dev/kmsg", "w") as kmsg:
+            kmsg.write("<3>%s%s\n" % (TEST_START, nodeid))
+    except OSError:
+        pass
 
 
 def pytest_runtest_logreport(report):
