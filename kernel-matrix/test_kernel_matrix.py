@@ -222,3 +222,14 @@ def test_a_hang_names_the_running_test_and_the_first_kernel_complaint():
     assert "5.10 first boot: no result; test running: tests/vm/test_vm_enforce.py::test_deny" in text
     assert "text_poke_bp_batch" in text
     assert run.hang_summary({"row": "6.1", "first_attempt": None, "no_result": None}) == ""
+
+
+def test_a_hung_guest_kernel_is_stopped_before_the_timeout(tmp_path, monkeypatch):
+    monkeypatch.setattr(qemu, "HANG_GRACE", 1)
+    script = "echo booting; sleep 1; echo '[ 22.0] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [python3:92]'; exec sleep 60"
+    b = qemu._boot(["sh", "-c", script], tmp_path / "console.log", tmp_path / "result", 50, False)
+    assert b.result is None and b.seconds < 20 and not b.timed_out
+    assert "guest kernel hung (" in b.error and "soft lockup" in b.error
+    # the same guest without the sign runs into the timeout
+    b = qemu._boot(["sh", "-c", "echo booting; exec sleep 60"], tmp_path / "console.log", tmp_path / "result", 3, False)
+    assert b.timed_out and b.error == "killed after 3 s"
