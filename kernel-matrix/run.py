@@ -26,6 +26,14 @@ import qemu
 from matrix import CACHE, Row, write_atomic
 
 MAX_VMS = qemu.MAX_VMS
+MAX_BOOTS = 3  # per row, when a boot gives no result
+
+
+def boot_again(failed_boots: List[dict], boot: "qemu.Boot", timeout: float) -> bool:
+    """A second boot always; a third only if the failed boots were cut short (a detected kernel
+    hang), so a row never spends much more than two timeouts."""
+    spent = sum(f["seconds"] for f in failed_boots) + boot.seconds
+    return len(failed_boots) + 1 < MAX_BOOTS and (not failed_boots or spent <= timeout)
 
 
 def run_row(row: Row, kernel: dict, rootfs: dict, wheel_dir: Path, deps_dir: Path,
@@ -33,17 +41,19 @@ def run_row(row: Row, kernel: dict, rootfs: dict, wheel_dir: Path, deps_dir: Pat
     matrix.say("run", f"{row.id}: booting {kernel['release']} with {row.userland.id} userland")
     b = qemu.boot_row(row, kernel, rootfs, wheel_dir, deps_dir, pytest_args=pytest_args, tests=tests,
                       timeout=timeout)
-    first = None
-    if b.result is None:
+    failed_boots = []
+    while b.result is None and boot_again(failed_boots, b, timeout or row.timeout):
         # The guest died or hung before reporting (a kernel oops or soft lockup under TCG, not a
-        # failed test): boot once more, and keep the first attempt in the results. A test that
-        # fails is never retried, and a guest that dies twice fails the row.
-        first = {"problem": b.error, "seconds": round(b.seconds, 1),
-                 **qemu.kernel_problem(qemu.console_text(b.console_log)),
-                 "console_log": str(b.console_log.rename(b.console_log.with_suffix(".attempt1.log")))}
-        matrix.say("run", f"{row.id}: NO RESULT from the guest ({b.error}) during "
-                          f"{first['last_test_started'] or 'no test'}; kernel said: "
-                          f"{'; '.join(first['kernel_messages'][:3]) or 'nothing'}; booting it once more")
+        # failed test): boot again, and keep each failed boot in the results. A test that fails
+        # is never retried, and a row whose every boot gives no result fails.
+        n = len(failed_boots) + 1
+        failed = {"problem": b.error, "seconds": round(b.seconds, 1),
+                  **qemu.kernel_problem(qemu.console_text(b.console_log)),
+                  "console_log": str(b.console_log.rename(b.console_log.with_suffix(f".attempt{n}.log")))}
+        failed_boots.append(failed)
+        matrix.say("run", f"{row.id}: NO RESULT from boot {n} ({b.error}) during "
+                          f"{failed['last_test_started'] or 'no test'}; kernel said: "
+                          f"{'; '.join(failed['kernel_messages'][:3]) or 'nothing'}; booting it again")
         b = qemu.boot_row(row, kernel, rootfs, wheel_dir, deps_dir, pytest_args=pytest_args, tests=tests,
                           timeout=timeout)
     res = b.result or {}
@@ -91,12 +101,13 @@ def run_row(row: Row, kernel: dict, rootfs: dict, wheel_dir: Path, deps_dir: Pat
         "console_log": str(b.console_log),
         "tests": report.get("tests", []),
         "pytest_tail": res.get("tail", []),
-        "first_attempt": first,
+        "failed_boots": failed_boots,
         "no_result": qemu.kernel_problem(qemu.console_text(b.console_log)) if b.result is None else None,
     }
     verdict = status if not problems else f"{status} ({'; '.join(problems)})"
-    if first:
-        verdict += f" on the second boot; the first gave no result: {first['problem']} ({first['console_log']})"
+    if failed_boots:
+        verdict += f" on boot {len(failed_boots) + 1}; " + "; ".join(
+            f"boot {i} gave no result: {f['problem']} ({f['console_log']})" for i, f in enumerate(failed_boots, 1))
     if status in ("FAIL", "XFAIL"):
         tail = "\n".join(res.get("tail", [])[-30:]) or qemu.console_tail(b.console_log)
         verdict += f"\n----- {row.id}: last output (full console: {b.console_log}) -----\n{tail}\n-----"
@@ -108,7 +119,9 @@ def hang_summary(entry: dict) -> str:
     """For each boot of a row that gave no result: the running test and the kernel's first
     complaint with its trace, printed last, where a CI log's tail shows it."""
     out = ""
-    for label, info in (("first boot", entry.get("first_attempt")), ("boot", entry.get("no_result"))):
+    boots = [(f"boot {i}", f) for i, f in enumerate(entry.get("failed_boots") or [], 1)]
+    last = len(boots) + 1
+    for label, info in boots + [(f"boot {last}", entry.get("no_result"))]:
         if not info:
             continue
         out += (f"\n===== {entry['row']} {label}: no result; test running: "
@@ -122,7 +135,7 @@ def table(entries: List[dict]) -> str:
     rows = [[e["row"], e["kernel_release"], e["userland"], e["libbpf"], e["python"], str(e["passed"]),
              str(e["failed"]), str(e["skipped"]), f"{e['seconds']:.0f}",
              e["status"] + (f" ({e['reason']})" if e["status"] == "XFAIL" else "")
-             + (" (2nd boot)" if e.get("first_attempt") else "")] for e in entries]
+             + (f" (boot {len(e['failed_boots']) + 1})" if e.get("failed_boots") else "")] for e in entries]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
@@ -181,10 +194,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     write_atomic(qemu.run_log_dir() / "results.json", data)
     write_atomic(out, data)
     failed = [e["row"] for e in entries if e["status"] == "FAIL"]
-    twice = [e["row"] for e in entries if e.get("first_attempt")]
-    if twice:
-        print(f"rows booted twice (no result from the first boot; see first_attempt in results.json): "
-              f"{', '.join(twice)}")
+    again = [e["row"] for e in entries if e.get("failed_boots")]
+    if again:
+        print(f"rows booted again (a boot gave no result; see failed_boots in results.json): "
+              f"{', '.join(again)}")
     for e in entries:
         print(hang_summary(e), end="")
     print(f"\nresults: {out}")
