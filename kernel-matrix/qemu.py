@@ -159,9 +159,9 @@ def vm_slot() -> Iterator[None]:
 
 
 def qemu_argv(arch: Arch, kernel: Path, initrd: Path, lsm: str, result_file: Path) -> List[str]:
-    append = f"console={arch.console} panic=-1 quiet rdinit=/init lsm={lsm} random.trust_cpu=on"
-    # For debugging a guest, e.g. ASSAY_VM_APPEND=ignore_loglevel to see every kernel message.
-    append += "".join(" " + a for a in os.environ.get("ASSAY_VM_APPEND", "").split())
+    # ASSAY_VM_APPEND is for debugging a guest, e.g. ignore_loglevel to see every kernel message.
+    append = " ".join([f"console={arch.console} panic=-1 quiet rdinit=/init lsm={lsm} random.trust_cpu=on",
+                       *os.environ.get("ASSAY_VM_APPEND", "").split()])
     qemu = os.environ.get(f"QEMU_{arch.name.upper()}", arch.qemu)
     tcg = os.environ.get("ASSAY_VM_TCG_THREAD", TCG_THREAD)
     argv = [qemu, "-accel", f"tcg,thread={tcg}", *QEMU_ARGS, *arch.qemu_args, "-kernel", str(kernel), "-initrd", str(initrd),
@@ -184,7 +184,7 @@ def boot(kernel: Path, initrd: Path, lsm: str, console_log: Path, result_file: P
 
 # A guest kernel that says one of these is stuck for good under TCG (none was ever seen in a
 # guest that went on to pass): stop it soon, so the row's second boot need not wait for the timeout.
-HANG_SIGNS = (b"soft lockup - CPU", b"detected stall", b"detected stalls")
+HANG_SIGNS = ("soft lockup - CPU", "detected stall")
 HANG_GRACE = 20  # seconds to let the kernel print its traces first
 
 
@@ -213,7 +213,7 @@ def _boot(argv: List[str], console_log: Path, result_file: Path, timeout: float,
                     *done, line = (line + chunk).split(b"\n")
                     line = line[-4096:]
                     for d in done:
-                        if any(sign in d for sign in HANG_SIGNS):
+                        if any(sign.encode() in d for sign in HANG_SIGNS):
                             hang.append(d.decode("utf-8", "replace").strip())
                             break
 
@@ -249,8 +249,7 @@ def _boot(argv: List[str], console_log: Path, result_file: Path, timeout: float,
     return Boot(proc.returncode, timed_out, seconds, console_log, None, why)
 
 
-KERNEL_PROBLEMS = ("Oops", "BUG:", "soft lockup", "Kernel panic", "self-detected stall",
-                   "rcu_sched detected stall", "hung_task", "blocked for more than")
+KERNEL_PROBLEMS = ("Oops", "BUG:", "Kernel panic", "hung_task", "blocked for more than", *HANG_SIGNS)
 TEST_START = "assay-vm: test start "  # written to /dev/kmsg by guest/assay_vm_report.py
 
 
@@ -276,10 +275,7 @@ def console_text(path: Path) -> str:
 
 
 def console_tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_bytes().decode("utf-8", "replace").replace("\r", "")
-    except OSError:
-        return ""
+    text = console_text(path).replace("\r", "")
     return "\n".join(text.splitlines()[-lines:])
 
 
