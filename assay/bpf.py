@@ -60,10 +60,6 @@ class Program:
         self.section = sec.decode() if sec else ""
 
     @property
-    def is_lsm(self) -> bool:
-        return self.section.startswith("lsm")
-
-    @property
     def autoload(self) -> bool:
         return bool(lib().bpf_program__autoload(self._ptr))
 
@@ -304,8 +300,10 @@ class Object:
     def attach(self, names=None) -> List[Link]:
         """Attaches the named programs (default: every program that was loaded)."""
         progs = [self.programs[n] for n in names] if names else [p for p in self.programs.values() if p.autoload]
+        attached = {link.program.name for link in self.links}
         for p in progs:
-            self.links.append(p.attach())
+            if p.name not in attached:  # attached earlier (an enforcer's decisions): once is enough
+                self.links.append(p.attach())
         return self.links
 
     def close(self) -> None:

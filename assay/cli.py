@@ -12,7 +12,7 @@ from assay import __version__, log as logsetup
 from assay.errors import EXIT_USAGE, AssayError, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None, help="Assay: BPF LSM runtime security monitor.")
+                  rich_markup_mode=None, help="Assay: BPF runtime security monitor.")
 policy_app = typer.Typer(no_args_is_help=True, help="Check policies without loading anything.")
 app.add_typer(policy_app, name="policy")
 
@@ -44,6 +44,8 @@ def monitor(
     ebpf: Optional[str] = typer.Option(None, "--ebpf", help="Use this BPF object instead of the packaged one."),
     ringbuf_size: Optional[int] = typer.Option(None, "--ringbuf-size", help="Ring buffer bytes (power of 2)."),
     policy: Optional[str] = typer.Option(None, "--policy", help="Enforce this policy (YAML) in the kernel."),
+    enforcer: str = typer.Option("auto", "--enforcer", help="How decisions attach: auto (lsm, else fmod_ret), "
+                                                            "lsm or fmod_ret."),
     record: Optional[str] = typer.Option(None, "--record", help="Write the run's behaviour for learning mode."),
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Run id for --record (default: generated)."),
     command: List[str] = typer.Argument(None, metavar="[-- COMMAND [ARGS]...]"),
@@ -51,8 +53,11 @@ def monitor(
     """Stream the events of a process tree, a cgroup, or a command started in scope."""
     from assay.monitor import Monitor, MonitorOptions, Scope, parse_duration
 
+    from assay import enforcers
+
     if fmt not in ("json", "text"):
         raise UsageError(f"--format: invalid value {fmt!r} (choose json or text)")
+    enforcers.candidates(enforcer)  # a bad name is a usage error before anything runs
     if ringbuf_size is not None and (ringbuf_size < 4096 or ringbuf_size & (ringbuf_size - 1)):
         raise UsageError(f"--ringbuf-size: {ringbuf_size} must be a power of 2 and at least 4096")
     pol = None
@@ -61,7 +66,7 @@ def monitor(
         pol = resolve_hosts(load_policy(policy))
     opts = MonitorOptions(policy=pol, scope=Scope(pids=tuple(pid), cgroup=cgroup, all=all_), command=tuple(command or ()),
                           duration=parse_duration(duration) if duration else None, fmt=fmt, output=output,
-                          ebpf=ebpf, ringbuf_size=ringbuf_size)
+                          ebpf=ebpf, ringbuf_size=ringbuf_size, enforcer=enforcer)
     recorder = None
     if record:
         from assay import learning

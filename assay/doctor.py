@@ -9,12 +9,9 @@ from typing import Callable, List, Optional
 
 import attrs
 
-from assay import libbpf, system
+from assay import enforcers, libbpf, system
+from assay.enforcers import lsm as lsm_backend
 from assay.errors import AssayError, EXIT_BPF, EXIT_OK
-
-LSM_FIX = ("add `bpf` to the kernel's LSM list: boot with lsm=lockdown,capability,landlock,yama,apparmor,bpf "
-           "(GRUB_CMDLINE_LINUX in /etc/default/grub, then update-grub and reboot)")
-
 
 @attrs.frozen
 class Check:
@@ -43,11 +40,14 @@ def _btf() -> Check:
 
 
 def _lsm() -> Check:
+    # Only the lsm backend needs it: fmod_ret enforces without `bpf` in the list.
     lsms = system.active_lsms()
     if not lsms:
-        return Check("bpf_lsm", False, "cannot read /sys/kernel/security/lsm", LSM_FIX)
+        return Check("bpf_lsm", False, "cannot read /sys/kernel/security/lsm", lsm_backend.ENABLE_FIX,
+                     required=False)
     ok = "bpf" in lsms
-    return Check("bpf_lsm", ok, "active LSMs: " + ",".join(lsms), "" if ok else LSM_FIX)
+    return Check("bpf_lsm", ok, "active LSMs: " + ",".join(lsms), "" if ok else lsm_backend.ENABLE_FIX,
+                 required=False)
 
 
 def _lockdown() -> Check:
@@ -93,41 +93,60 @@ def _cgroup2() -> Check:
                  required=False)
 
 
-def _try_load(kind: str, obj_path: str) -> Check:
-    """Loads from the shipped object, by trying it: one tracepoint, or every LSM hook (each must
-    pass this kernel's verifier for enforcement to work)."""
+def _try_tracepoint(obj_path: str) -> Check:
+    """Loads and attaches one tracepoint from the shipped object: monitoring works."""
     from assay.bpf import Object
 
-    name = "load_tracepoint" if kind == "tracepoint" else "load_lsm"
     try:
         with Object(obj_path) as obj:
-            progs = [p for p in obj.programs.values() if p.is_lsm]
-            if kind == "tracepoint":
-                progs = [next(p for p in obj.programs.values() if p.section.startswith("tracepoint/"))]
+            prog = next(p for p in obj.programs.values() if p.section.startswith("tracepoint/"))
             for p in obj.programs.values():
-                p.autoload = p in progs
+                p.autoload = p is prog
             obj.load()
-            if kind == "lsm" or system.ensure_tracefs():
-                obj.attach([p.name for p in progs])
-            return Check(name, True, f"{', '.join(p.section for p in progs)} loaded and attached")
+            if system.ensure_tracefs():
+                obj.attach([prog.name])
+            return Check("load_tracepoint", True, f"{prog.section} loaded and attached")
     except AssayError as e:
-        fix = LSM_FIX if kind == "lsm" and not system.bpf_lsm_active() else "see `assay doctor` checks above"
-        if kind == "lsm" and system.bpf_lsm_active():
-            fix = ("this kernel refuses BPF trampoline programs (lsm/fentry); "
-                   "check lockdown and CONFIG_BPF_LSM / CONFIG_DEBUG_INFO_BTF")
-        return Check(name, False, str(e), fix)
+        return Check("load_tracepoint", False, str(e), "see the checks above")
+
+
+def _try_enforcer(backend: enforcers.Backend, obj_path: str) -> Check:
+    """Loads and attaches every decision program of one backend, for real: each must pass this
+    kernel's verifier and attach for that backend to enforce."""
+    from assay.bpf import Object
+
+    name = f"enforcer_{backend.name}"
+    why = backend.precheck()
+    if why is not None:
+        return Check(name, False, why, backend.refused_fix(), required=False)
+    try:
+        with enforcers.load_and_attach(lambda: Object(obj_path), backend) as obj:
+            sections = [obj.programs[n].section for n in backend.programs(obj)]
+        return Check(name, True, f"{', '.join(sections)} loaded and attached", required=False)
+    except AssayError as e:
+        return Check(name, False, str(e), backend.refused_fix(), required=False)
 
 
 def run_checks(obj_path: str) -> List[Check]:
     checks = [_kernel(), _btf(), _libbpf(), _caps(), _memlock(), _lsm(), _lockdown(), _cgroup2()]
     if checks[2].ok:
-        checks.append(_try_load("tracepoint", obj_path))
-        checks.append(_try_load("lsm", obj_path))
+        checks.append(_try_tracepoint(obj_path))
+        checks += [_try_enforcer(b, obj_path) for b in enforcers.BACKENDS]
     return checks
 
 
+def enforcer(checks: List[Check]) -> Optional[str]:
+    """The backend `assay monitor --enforcer auto` would pick: the first that works."""
+    for b in enforcers.BACKENDS:
+        if any(c.name == f"enforcer_{b.name}" and c.ok for c in checks):
+            return b.name
+    return None
+
+
 def verdict(checks: List[Check]) -> int:
-    return EXIT_OK if all(c.ok or not c.required for c in checks) else EXIT_BPF
+    """0 when the basics hold and at least one backend enforces; 40 otherwise."""
+    basics = all(c.ok or not c.required for c in checks)
+    return EXIT_OK if basics and enforcer(checks) else EXIT_BPF
 
 
 def as_dict(checks: List[Check]) -> dict:
@@ -135,17 +154,18 @@ def as_dict(checks: List[Check]) -> dict:
     monitoring = all(c.ok for c in checks if c.name in ("kernel", "btf", "libbpf", "capabilities",
                                                       "load_tracepoint"))
     return {"checks": [attrs.asdict(c) for c in checks], "monitoring": monitoring,
-            "enforcement": code == EXIT_OK, "exit_code": code}
+            "enforcement": code == EXIT_OK, "enforcer": enforcer(checks) if code == EXIT_OK else None,
+            "exit_code": code}
 
 
 def as_text(checks: List[Check]) -> str:
     lines = []
     for c in checks:
-        mark = "ok  " if c.ok else ("FAIL" if c.required else "warn")
-        lines.append(f"[{mark}] {c.name:16} {c.detail}")
+        mark = "ok  " if c.ok else ("FAIL" if c.required or c.name.startswith("enforcer_") else "warn")
+        lines.append(f"[{mark}] {c.name:18} {c.detail}")
         if not c.ok and c.fix:
             lines.append(f"       fix: {c.fix}")
     d = as_dict(checks)
-    lines.append(f"monitoring: {'available' if d['monitoring'] else 'NOT available'}; "
-                 f"enforcement: {'available' if d['enforcement'] else 'NOT available (exit 40)'}")
+    enforcement = f"available via {d['enforcer']}" if d["enforcement"] else "NOT available (exit 40)"
+    lines.append(f"monitoring: {'available' if d['monitoring'] else 'NOT available'}; enforcement: {enforcement}")
     return "\n".join(lines)

@@ -78,6 +78,7 @@ class Decoder:
         # ktime_get_ns() is CLOCK_MONOTONIC; this offset maps it to wall-clock time.
         self._wall_offset = time.time() - time.monotonic()
         self.rule_names: Mapping[int, str] = rule_names or {}
+        self.enforcer: Optional[str] = None   # the backend whose decision a rule event reports
         # Variable-length records: the fixed part stops before the trailing path.
         self._body = {t: struct.Struct(abi.struct_format(cls, skip="hdr", stop="path"))
                       for t, cls in abi.EVENT_STRUCTS.items()}
@@ -150,6 +151,8 @@ class Decoder:
         ev["rule"] = self.rule_names.get(rule_id, str(rule_id))
         ev["rule_id"] = rule_id
         ev["action"] = ACTION_NAMES.get(action, str(action))
+        if self.enforcer:
+            ev["enforcer"] = self.enforcer
         if action in (abi.Action.LOG, abi.Action.ALERT):
             ev["type"] = ev["type"].replace("_blocked", "_alert")  # reported, not denied
 

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence, TextIO
 import attrs
 import structlog
 
-from assay import abi, enforce, events, system
+from assay import abi, enforce, enforcers, events, system
 from assay.bpf import Object, RingBuffer
 from assay.errors import BpfError, UsageError
 
@@ -51,6 +51,7 @@ class MonitorOptions:
     ringbuf_size: Optional[int] = None
     events: tuple = ALL_EVENTS
     policy: Optional[object] = None   # assay.policy.Policy
+    enforcer: str = "auto"            # auto, or one backend of assay.enforcers
 
 
 @attrs.define
@@ -59,6 +60,7 @@ class Summary:
     kernel_counters: Dict[str, int] = attrs.Factory(dict)
     duration_s: float = 0.0
     exit_status: Optional[int] = None
+    enforcer: Optional[str] = None    # the backend that enforced the policy, None without one
 
     @property
     def dropped(self) -> int:
@@ -68,13 +70,15 @@ class Summary:
         return {"events": dict(sorted(self.counts.items())), "total": sum(self.counts.values()),
                 "dropped": self.dropped, "lost": {k: v for k, v in self.kernel_counters.items()
                                                  if k != "ringbuf_drop" and v},
-                "duration_s": round(self.duration_s, 3), "exit_status": self.exit_status}
+                "duration_s": round(self.duration_s, 3), "exit_status": self.exit_status,
+                "enforcer": self.enforcer}
 
     def as_text(self) -> str:
         per = ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())) or "none"
         lost = ", ".join(f"{k}={v}" for k, v in self.kernel_counters.items() if k != "ringbuf_drop" and v)
         text = (f"assay: {sum(self.counts.values())} events ({per}); dropped={self.dropped}"
-                f"{'; lost: ' + lost if lost else ''}; duration={self.duration_s:.2f}s")
+                f"{'; lost: ' + lost if lost else ''}; duration={self.duration_s:.2f}s"
+                f"{'; enforcer=' + self.enforcer if self.enforcer else ''}")
         if self.exit_status is not None:
             text += f"; command exit status={self.exit_status}"
         return text
@@ -151,6 +155,7 @@ class Monitor:
         self.summary = Summary()
         self.decoder = events.Decoder()
         self.obj: Optional[Object] = None
+        self.backend: Optional[enforcers.Backend] = None
         self._stop = False
         self._child: Optional[int] = None
         self._out: Optional[TextIO] = None
@@ -160,30 +165,39 @@ class Monitor:
 
     # ------------------------------------------------------------ setup
     def load(self) -> Object:
+        """Opens and loads the object: the event programs, plus one enforcer's decision programs
+        (attached at once) when the policy enforces."""
         tracefs = system.ensure_tracefs()
         if tracefs is None:
             raise BpfError("tracefs is not available (mount -t tracefs tracefs /sys/kernel/tracing)")
         path = self.opts.ebpf or default_object_path()
         if not os.path.exists(path):
             raise BpfError(f"BPF object not found: {path} (run `make bpf`, or reinstall the wheel)")
-        obj = Object(path)
-        try:
-            skip_missing_tracepoints(obj, tracefs)
-            for p in obj.programs.values():
-                if p.is_lsm and not self.enforce:
-                    p.autoload = False
-            if self.opts.ringbuf_size:
-                obj.maps["events"].set_max_entries(self.opts.ringbuf_size)
+
+        def open_object() -> Object:
+            obj = Object(path)
             try:
-                obj.load()
-            except BpfError as e:
-                if self.enforce:
-                    raise BpfError(f"the kernel refused the enforcement (BPF LSM) programs: {e}; "
-                                   "see `assay doctor`") from None
+                skip_missing_tracepoints(obj, tracefs)
+                if self.opts.ringbuf_size:
+                    obj.maps["events"].set_max_entries(self.opts.ringbuf_size)
+            except BaseException:
+                obj.close()
                 raise
-        except BaseException:
-            obj.close()
-            raise
+            return obj
+
+        if not self.enforce:
+            obj = open_object()
+            try:
+                enforcers.select_programs(obj, None)
+                obj.load()
+            except BaseException:
+                obj.close()
+                raise
+        else:
+            obj, self.backend, passed_over = enforcers.choose(self.opts.enforcer, open_object)
+            self.decoder.enforcer = self.summary.enforcer = self.backend.name
+            why = f" ({'; '.join(passed_over)})" if passed_over else ""
+            print(f"assay: enforcing via {self.backend.name}{why}", file=sys.stderr)
         self.obj = obj
         return obj
 
@@ -200,10 +214,6 @@ class Monitor:
         self.decoder.rule_names = self.plan.rule_names
         if self.plan.needs_lsm or self.net_plan.bits:
             self.enforce = True
-            if not system.bpf_lsm_active():
-                raise BpfError("BPF LSM is not active, so the policy cannot be enforced "
-                               f"(active LSMs: {','.join(system.active_lsms()) or 'unknown'}); "
-                               "boot with lsm=...,bpf (see `assay doctor`)")
 
     def configure(self, cgroup_id: Optional[int], extra: Optional[Callable[[abi.Config], None]] = None) -> None:
         cfg = abi.Config()
@@ -353,7 +363,8 @@ class Monitor:
                         self.add_pid(d)
             rb = RingBuffer(self.obj.maps["events"], self._emit)
             self.obj.attach()
-            log.info("monitoring", pid=os.getpid(), scope=attrs.asdict(opts.scope))
+            log.info("monitoring", pid=os.getpid(), scope=attrs.asdict(opts.scope),
+                     enforcer=self.backend.name if self.backend else None)
             if opts.command:
                 self._child = self._spawn(opts.command)
             deadline = start + opts.duration if opts.duration else None

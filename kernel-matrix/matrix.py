@@ -74,11 +74,15 @@ class Row:
     lsm: str
     timeout: int
     default: bool = True  # part of a plain `make matrix` run; other rows run when named
+    enforcer: str = "lsm"  # the backend `assay monitor --enforcer auto` must pick in this guest
     extra: Dict[str, str] = field(default_factory=dict)
 
     @property
     def arch(self) -> Arch:
         return ARCHES[self.kernel.arch]
+
+
+ENFORCERS = ("lsm", "fmod_ret")
 
 
 class MatrixError(Exception):
@@ -136,11 +140,18 @@ def load(path: Path = MATRIX_FILE) -> List[Row]:
         if kernel.arch != userland.arch:
             raise MatrixError(f"row {rid}: kernel {kernel.id} is {kernel.arch} but userland "
                               f"{userland.id} is {userland.arch}")
+        lsm = str(r.get("lsm", defaults.get("lsm", "lockdown,capability,landlock,bpf")))
+        enforcer = str(r.get("enforcer", "lsm"))
+        if enforcer not in ENFORCERS:
+            raise MatrixError(f"row {rid}: enforcer must be one of {', '.join(ENFORCERS)}, not {enforcer!r}")
+        # The LSM list decides which backend auto picks: the two must agree.
+        if (enforcer == "lsm") != ("bpf" in lsm.split(",")):
+            raise MatrixError(f"row {rid}: enforcer {enforcer} needs `bpf` {'in' if enforcer == 'lsm' else 'absent from'}"
+                              f" its lsm list ({lsm})")
         rows.append(Row(
             id=rid, kernel=kernel, userland=userland, expect=expect, reason=str(r.get("reason", "")),
-            lsm=str(r.get("lsm", defaults.get("lsm", "lockdown,capability,landlock,bpf"))),
-            timeout=int(r.get("timeout", defaults.get("timeout", 300))),
-            default=bool(r.get("default", True)),
+            lsm=lsm, timeout=int(r.get("timeout", defaults.get("timeout", 300))),
+            default=bool(r.get("default", True)), enforcer=enforcer,
         ))
     return rows
 

@@ -319,7 +319,7 @@ def write_payload(cpio, row_info: dict, wheel_dir: Path, deps_dir: Path) -> None
     src = GUEST_SRC.lstrip("/")
     cpio.add_file(f"{src}/pyproject.toml", (REPO / "pyproject.toml").read_bytes(), 0o644)
     cpio.add_tree(f"{src}/tests", REPO / "tests", tests_filter)
-    # Scripts the guest tests run (the verify_lsm gate) and the demo's policy and workload.
+    # Scripts the guest tests run (the verify_enforcement gate) and the demo's policy and workload.
     cpio.add_tree(f"{src}/scripts", REPO / "scripts", tests_filter)
     cpio.add_tree(f"{src}/examples", REPO / "examples", tests_filter)
     cpio.add_tree(f"{src}/bench", REPO / "bench", lambda p: tests_filter(p) and p.name != "results")

@@ -331,7 +331,7 @@ def row_info(row: Row, kernel: dict, rootfs: dict, mode: str, pytest_args: List[
         "python": row.userland.python, "python_full": rootfs["python_full"],
         "libbpf_package": row.userland.libbpf_package, "libbpf_soname": row.userland.libbpf_soname,
         "libbpf_version": row.userland.libbpf_version, "libbpf_version_full": rootfs["libbpf_version"],
-        "lsm": row.lsm, "arch": row.arch.name, "machine": row.arch.uname,
+        "lsm": row.lsm, "enforcer": row.enforcer, "arch": row.arch.name, "machine": row.arch.uname,
         "result_tty": row.arch.result_tty or f"/dev/{row.arch.console}", "mode": mode, "pytest_args": pytest_args, "cmd": cmd,
         "guest_timeout": max(timeout / 2, timeout - GUEST_TIMEOUT_MARGIN),
         "tests_dir": f"{payload.GUEST_SRC}/{tests}",

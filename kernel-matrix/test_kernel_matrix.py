@@ -18,12 +18,31 @@ import qemu  # noqa: E402
 from packaging.requirements import Requirement  # noqa: E402
 
 
-def test_matrix_file_loads_and_every_row_boots_with_bpf_lsm():
+def test_matrix_file_loads_and_every_kernel_runs_both_backends():
     rows = matrix.load()
     assert {r.id for r in rows} >= {"5.10", "6.1", "6.12", "7.2", "5.10-bookworm"}
     for r in rows:
-        assert "bpf" in r.lsm.split(",")
+        assert ("bpf" in r.lsm.split(",")) is (r.enforcer == "lsm")
         assert r.expect in ("pass", "xfail")
+    # every kernel once with bpf in the LSM list, once with Ubuntu's list (fmod_ret)
+    by_kernel = {}
+    for r in rows:
+        by_kernel.setdefault(r.kernel.id, set()).add(r.enforcer)
+    assert all(v == {"lsm", "fmod_ret"} for v in by_kernel.values()), by_kernel
+    for r in rows:
+        if r.enforcer == "fmod_ret":
+            assert r.lsm == "lockdown,capability,landlock,yama,apparmor"
+            assert r.default is matrix.select(rows, r.id.replace("-fmod_ret", ""))[0].default
+
+
+def test_a_row_whose_lsm_list_contradicts_its_enforcer_is_rejected(tmp_path):
+    good = matrix.MATRIX_FILE.read_text()
+    text = good.replace('userland: bullseye\n    lsm: *ubuntu_lsm\n', 'userland: bullseye\n', 1)
+    assert text != good
+    bad = tmp_path / "matrix.yaml"
+    bad.write_text(text)
+    with pytest.raises(matrix.MatrixError, match="5.10-fmod_ret: enforcer fmod_ret needs `bpf` absent"):
+        matrix.load(bad)
 
 
 def test_workflow_lists_every_row():

@@ -6,36 +6,59 @@ import subprocess
 
 import pytest
 
+from assay import system
+
 pytestmark = pytest.mark.root
+PROBE_SRC = os.path.join(os.path.dirname(__file__), "data", "bpf", "trampoline_probe.c")
 
 
-def lsm_loads_natively(obj_path):
-    """Independent of our loader: bpftool loads every program of the object, the LSM one included."""
-    pin = "/sys/fs/bpf/assay-doctor-probe"
+def loads_natively(section, tmp_path):
+    """Independent of our loader and object: clang builds a one-line program for `section`, and
+    bpftool loads it."""
+    obj = tmp_path / "probe.o"
+    subprocess.run(["clang", "-O2", "-target", "bpf", f'-DSECTION="{section}"', "-c", PROBE_SRC, "-o", str(obj)],
+                   check=True)
     if not os.path.ismount("/sys/fs/bpf"):
         subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], check=False)
-    p = subprocess.run(["bpftool", "prog", "loadall", obj_path, pin], capture_output=True, text=True)
+    pin = f"/sys/fs/bpf/assay-doctor-probe-{os.getpid()}"
+    p = subprocess.run(["bpftool", "prog", "loadall", str(obj), pin], capture_output=True, text=True)
     shutil.rmtree(pin, ignore_errors=True)
-    subprocess.run(["rm", "-rf", pin])
     return p.returncode == 0
 
 
-def test_doctor_json_matches_kernel(assay_cmd, obj_path):
+@pytest.fixture
+def truth(tmp_path):
+    """What each backend can do here, found without Assay."""
+    lsm = system.bpf_lsm_active() and loads_natively("lsm/file_open", tmp_path)
+    fmod = loads_natively("fmod_ret/security_file_open", tmp_path)
+    return {"lsm": lsm, "fmod_ret": fmod}
+
+
+def test_doctor_json_matches_kernel(assay_cmd, truth):
     p = subprocess.run(assay_cmd + ["doctor", "--format", "json"], capture_output=True, text=True, timeout=60)
     report = json.loads(p.stdout)
     checks = {c["name"]: c for c in report["checks"]}
     assert checks["load_tracepoint"]["ok"] is True
-    lsm_ok = lsm_loads_natively(obj_path)
-    assert checks["load_lsm"]["ok"] is lsm_ok
-    assert p.returncode == (0 if lsm_ok else 40) == report["exit_code"]
+    assert checks["enforcer_lsm"]["ok"] is truth["lsm"]
+    assert checks["enforcer_fmod_ret"]["ok"] is truth["fmod_ret"]
+    any_ok = truth["lsm"] or truth["fmod_ret"]
+    assert p.returncode == (0 if any_ok else 40) == report["exit_code"]
     assert report["monitoring"] is True
-    if not lsm_ok:
-        assert checks["load_lsm"]["fix"]
-        assert report["enforcement"] is False
+    assert report["enforcement"] is any_ok
+    assert report["enforcer"] == ("lsm" if truth["lsm"] else "fmod_ret" if truth["fmod_ret"] else None)
+    for name in ("lsm", "fmod_ret"):
+        if not truth[name]:
+            assert checks[f"enforcer_{name}"]["fix"]
 
 
-def test_doctor_text_names_fix(assay_cmd):
+def test_doctor_text_names_each_backend_and_its_fix(assay_cmd, truth):
     p = subprocess.run(assay_cmd + ["doctor"], capture_output=True, text=True, timeout=60)
-    assert "load_lsm" in p.stdout and "Traceback" not in p.stderr
+    assert "Traceback" not in p.stderr
+    lines = p.stdout.splitlines()
+    for name in ("lsm", "fmod_ret"):
+        line = next(line for line in lines if f" enforcer_{name} " in line)
+        assert line.startswith("[ok  ]" if truth[name] else "[FAIL]"), line
     if p.returncode == 40:
-        assert "fix:" in p.stdout and "NOT available (exit 40)" in p.stdout
+        assert "fix:" in p.stdout and lines[-1].endswith("enforcement: NOT available (exit 40)")
+    else:
+        assert lines[-1].endswith(f"enforcement: available via {'lsm' if truth['lsm'] else 'fmod_ret'}")

@@ -131,14 +131,14 @@ def test_policy_on_this_host_fails_closed_with_40(assay_cmd, tmp_path, obj_path)
     marker = tmp_path / "ran"
     p = subprocess.run(assay_cmd + ["monitor", "--policy", str(pol), "--", "touch", str(marker)],
                        capture_output=True, text=True, timeout=60)
-    from assay import system
-    lsm_loads = subprocess.run(["bpftool", "prog", "loadall", obj_path, "/sys/fs/bpf/assay-t"],
-                               capture_output=True).returncode == 0
-    subprocess.run(["rm", "-rf", "/sys/fs/bpf/assay-t"])
-    if lsm_loads and system.bpf_lsm_active():
-        pytest.skip("this host accepts BPF LSM programs: the fail-closed path is not reachable here")
+    from assay import doctor
+    if doctor.enforcer(doctor.run_checks(obj_path)):
+        pytest.skip("this host can enforce (see assay doctor): the fail-closed path is not reachable here")
     assert p.returncode == 40, p.stderr
-    assert "BPF LSM" in p.stderr and "Traceback" not in p.stderr
+    lines = p.stderr.splitlines()
+    assert "no enforcement backend works" in lines[0] and "Traceback" not in p.stderr
+    # one line per backend, each with its reason
+    assert [line.split(":")[0].strip() for line in lines[1:3]] == ["lsm", "fmod_ret"]
     assert not marker.exists(), "the workload ran although enforcement failed"
 
 

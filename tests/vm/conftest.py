@@ -33,3 +33,34 @@ def vm_row():
     """The matrix row this guest was booted for (kernel release, libbpf, Python, ...)."""
     with open(os.environ["ASSAY_VM_ROW"]) as fh:
         return json.load(fh)
+
+
+@pytest.fixture(scope="session")
+def expected_enforcer(vm_row):
+    """The backend `assay monitor --enforcer auto` must pick in this row: lsm where the row boots
+    with `bpf` in its LSM list, fmod_ret where it boots with Ubuntu's list."""
+    return vm_row.get("enforcer", "lsm")
+
+
+RULE_EVENTS = ("file_blocked", "exec_blocked", "net_blocked", "file_alert", "exec_alert", "net_alert")
+
+
+@pytest.fixture(autouse=True)
+def rule_events_name_the_rows_enforcer(request, tmp_path):
+    """After every guest test: each rule event any monitor wrote below tmp_path names the backend
+    this row must enforce with, so every enforcement test also proves which backend denied."""
+    yield
+    if not IN_GUEST:
+        return
+    want = request.getfixturevalue("expected_enforcer")
+    forced = request.node.get_closest_marker("enforcer")
+    if forced:
+        want = forced.args[0]
+    for f in tmp_path.rglob("*"):
+        if not f.is_file() or f.stat().st_size > 64 << 20:
+            continue
+        for line in f.read_bytes().splitlines():
+            if not line.startswith(b'{"type":"') or not any(f'"type":"{t}"'.encode() in line for t in RULE_EVENTS):
+                continue
+            ev = json.loads(line)
+            assert ev.get("enforcer") == want, f"{f}: {ev}"

@@ -1,13 +1,13 @@
-"""The shipped object on a real kernel with BPF LSM: it loads, every program attaches, events stream."""
+"""The shipped object on a real kernel: it loads, every backend that the row offers attaches and
+denies through the loader, the other one is refused as documented, events stream."""
 import ctypes
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from assay import abi, enforce, system
+from assay import abi, enforce, enforcers, system
 from assay.bpf import Object, RingBuffer
 from assay.monitor import default_object_path, skip_missing_tracepoints
 
@@ -18,30 +18,50 @@ pytestmark = pytest.mark.vm
 ABSENT = {"x86_64": set(), "aarch64": {"assay_open_enter", "assay_open_exit"}}
 
 
-def test_every_program_loads_and_attaches():
+def usable(expected_enforcer):
+    """lsm rows can use both backends (fmod_ret needs no LSM list entry); fmod_ret rows only fmod_ret."""
+    return ["lsm", "fmod_ret"] if expected_enforcer == "lsm" else ["fmod_ret"]
+
+
+def backend(name):
+    return next(b for b in enforcers.BACKENDS if b.name == name)
+
+
+@pytest.mark.parametrize("name", ["lsm", "fmod_ret"])
+def test_every_program_of_a_backend_loads_and_attaches(name, expected_enforcer):
+    if name not in usable(expected_enforcer):
+        pytest.skip(f"{name} is not usable in this row (test_lsm_backend_refused_where_bpf_is_not_an_lsm)")
     tracefs = system.ensure_tracefs()
     assert tracefs
-    with Object(default_object_path()) as obj:
-        skipped = skip_missing_tracepoints(obj, tracefs)
-        assert set(skipped) == ABSENT[os.uname().machine]
-        obj.load()
+    b = backend(name)
+
+    def open_object():
+        obj = Object(default_object_path())
+        assert set(skip_missing_tracepoints(obj, tracefs)) == ABSENT[os.uname().machine]
+        return obj
+
+    with enforcers.load_and_attach(open_object, b) as obj:
         links = obj.attach()
-        assert {link.program.name for link in links} == set(obj.programs) - set(skipped)
-        assert any(p.is_lsm for p in obj.programs.values())
+        attached = {link.program.name for link in links}
+        wanted = {p.name for p in obj.programs.values() if not enforcers.is_enforcing(p) or b.owns(p)}
+        assert attached == wanted - ABSENT[os.uname().machine]
+        assert {obj.programs[n].section.split("/")[-1].replace("security_", "") for n in b.programs(obj)} == \
+            {"file_open", "bprm_check_security" if name == "lsm" else "bprm_check", "socket_connect", "socket_sendmsg"}
 
 
-def test_trivial_lsm_deny_through_loader(tmp_path):
+@pytest.mark.parametrize("name", ["lsm", "fmod_ret"])
+def test_trivial_deny_through_loader(name, expected_enforcer, tmp_path):
+    if name not in usable(expected_enforcer):
+        pytest.skip(f"{name} is not usable in this row (test_lsm_backend_refused_where_bpf_is_not_an_lsm)")
     target = tmp_path / "denied"
     target.write_text("x")
-    with Object(default_object_path()) as obj:
-        obj.load()
+    with enforcers.load_and_attach(lambda: Object(default_object_path()), backend(name)) as obj:
         for key in enforce.identify(str(target)).keys():
             obj.maps["file_deny"].update(key, bytes(abi.RuleRef(rule_id=1, action=int(abi.Action.DENY))))
         cfg = abi.Config(scope_all=1, monitor_tgid=os.getpid(), enforce=1, file_rules=abi.RULES_DENY)
         obj.maps["assay_config"].update(ctypes.c_uint32(0), cfg)
         got = []
         rb = RingBuffer(obj.maps["events"], got.append)
-        obj.attach([p.name for p in obj.programs.values() if p.is_lsm])
         p = subprocess.run(["cat", str(target)], capture_output=True, text=True)
         assert p.returncode != 0 and "Operation not permitted" in p.stderr
         rb.poll(1000)
@@ -49,6 +69,23 @@ def test_trivial_lsm_deny_through_loader(tmp_path):
     assert got, "no file_blocked event"
     # after close, the program is gone: the file opens again
     assert subprocess.run(["cat", str(target)], capture_output=True).returncode == 0
+
+
+def test_lsm_backend_refused_where_bpf_is_not_an_lsm(assay_cmd, expected_enforcer, tmp_path):
+    """The documented refusal: --enforcer lsm without `bpf` in the LSM list exits 40 and says why,
+    before the workload runs (its hooks would attach but never be called)."""
+    if expected_enforcer == "lsm":
+        pytest.skip("bpf is an active LSM in this row: the lsm backend works (test_trivial_deny_through_loader)")
+    pol = tmp_path / "p.yaml"
+    pol.write_text('version: "2.0"\nname: t\nruntime_monitor:\n  enabled: true\n  rules:\n'
+                   "    - id: s\n      type: file_open\n      match: { path_globs: ['/etc/hostname'] }\n"
+                   "      action: deny\n")
+    marker = tmp_path / "ran"
+    p = subprocess.run(assay_cmd + ["monitor", "--enforcer", "lsm", "--policy", str(pol), "--", "touch", str(marker)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 40, p.stderr
+    assert "lsm: bpf is not an active LSM" in p.stderr and "Traceback" not in p.stderr
+    assert not marker.exists()
 
 
 def test_events_stream(assay_cmd, tmp_path):
@@ -61,8 +98,13 @@ def test_events_stream(assay_cmd, tmp_path):
     assert any(e["type"] == "exec" for e in evs) and any(e["type"] == "exit" for e in evs)
 
 
-def test_doctor_passes_in_guest(assay_cmd):
+def test_doctor_passes_in_guest_and_names_the_rows_backend(assay_cmd, expected_enforcer):
     p = subprocess.run(assay_cmd + ["doctor", "--format", "json"], capture_output=True, text=True, timeout=120)
     report = json.loads(p.stdout)
     assert p.returncode == 0, json.dumps(report, indent=1)
-    assert report["enforcement"] is True
+    assert report["enforcement"] is True and report["enforcer"] == expected_enforcer
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["enforcer_fmod_ret"]["ok"] is True
+    assert checks["enforcer_lsm"]["ok"] is (expected_enforcer == "lsm")
+    text = subprocess.run(assay_cmd + ["doctor"], capture_output=True, text=True, timeout=120).stdout
+    assert text.splitlines()[-1] == f"monitoring: available; enforcement: available via {expected_enforcer}"

@@ -1,0 +1,65 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/* Constants, the config map, counters and the verdict shared by every hook. */
+#ifndef __ASSAY_COMMON_BPF_H
+#define __ASSAY_COMMON_BPF_H
+
+#define EPERM 1
+#define SIGKILL 9
+#define AF_INET 2
+#define AF_INET6 10
+#define SOCK_STREAM 1
+#define SS_UNCONNECTED 1
+#define MSG_FASTOPEN 0x20000000
+#define FMODE_EXEC 0x20
+/* execve's opens carry this in f_flags (an octal 040 no O_* flag uses); newer kernels also
+ * set FMODE_EXEC in f_mode. */
+#define __FMODE_EXEC 0x20
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, ASSAY_CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct assay_config);
+} assay_config SEC(".maps");
+
+static __always_inline struct assay_config *get_config(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&assay_config, &zero);
+}
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline bool wants(const struct assay_config *cfg, enum assay_event_type t)
+{
+	return cfg->event_mask & (1u << t);
+}
+
+/* Applies a matched rule's action: returns the verdict (0 or -EPERM) for the hook. */
+static __always_inline int act(__u32 action)
+{
+	switch (action) {
+	case ASSAY_ACT_LOG:
+	case ASSAY_ACT_ALERT:
+		return 0;
+	case ASSAY_ACT_KILL_IMMEDIATE:
+		bpf_send_signal(SIGKILL);
+		return -EPERM;
+	default:
+		return -EPERM;
+	}
+}
+
+#endif /* __ASSAY_COMMON_BPF_H */

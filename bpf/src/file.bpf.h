@@ -1,0 +1,315 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/* File opens: open events, inode-identity rule maps, ancestor walks, the file_open decision. */
+#ifndef __ASSAY_FILE_BPF_H
+#define __ASSAY_FILE_BPF_H
+
+/* ---------------------------------------------------------------- file opens */
+
+static __always_inline int open_enter(__u32 kind, __s32 dfd, const char *path, __u64 flags, __u32 mode)
+{
+	struct assay_config *cfg = get_config();
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid;
+
+	if (!cfg || !wants(cfg, ASSAY_EV_OPEN) || !in_scope(cfg, pid_tgid >> 32))
+		return 0;
+	struct pending_call pc = {.ptr = (__u64)path, .flags = flags, .dfd = dfd, .mode = mode, .kind = kind};
+	if (bpf_map_update_elem(&pending, &tid, &pc, BPF_ANY))
+		count(ASSAY_CNT_PENDING_FULL);
+	return 0;
+}
+
+static __always_inline int open_exit(long ret)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct pending_call *pc = bpf_map_lookup_elem(&pending, &tid);
+	if (!pc)
+		return 0;
+	struct scratch_buf *s = get_scratch(0);
+	if (!s)
+		goto out;
+	struct assay_open_event *ev = &s->ev.open;
+	fill_header(&ev->hdr, ASSAY_EV_OPEN);
+	ev->ret = ret;
+	ev->dfd = pc->dfd;
+	ev->flags = (__s32)pc->flags;
+	ev->mode = pc->mode;
+	ev->syscall = pc->kind;
+	/* Read at exit: the kernel has faulted the string in by now. */
+	long n = bpf_probe_read_user_str(ev->path, sizeof(ev->path), (void *)pc->ptr);
+	ev->path_len = n > 0 ? n - 1 : 0;
+	emit(ev, offsetof(struct assay_open_event, path) + (ev->path_len & (ASSAY_PATH_MAX - 1)));
+out:
+	bpf_map_delete_elem(&pending, &tid);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_openat")
+int assay_openat_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	return open_enter(ASSAY_SYS_OPENAT, (__s32)ctx->args[0], (const char *)ctx->args[1],
+			  ctx->args[2], (__u32)ctx->args[3]);
+}
+
+SEC("tracepoint/syscalls/sys_exit_openat")
+int assay_openat_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return open_exit(ctx->ret);
+}
+
+SEC("tracepoint/syscalls/sys_enter_openat2")
+int assay_openat2_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	struct open_how how = {};
+	bpf_probe_read_user(&how, sizeof(how), (void *)ctx->args[2]);
+	return open_enter(ASSAY_SYS_OPENAT2, (__s32)ctx->args[0], (const char *)ctx->args[1],
+			  how.flags, (__u32)how.mode);
+}
+
+SEC("tracepoint/syscalls/sys_exit_openat2")
+int assay_openat2_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return open_exit(ctx->ret);
+}
+
+/* Not on every architecture (arm64 has no open(2)): userspace skips these where the
+ * tracepoint does not exist. */
+SEC("tracepoint/syscalls/sys_enter_open")
+int assay_open_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	return open_enter(ASSAY_SYS_OPEN, -100, (const char *)ctx->args[0], ctx->args[1], (__u32)ctx->args[2]);
+}
+
+SEC("tracepoint/syscalls/sys_exit_open")
+int assay_open_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return open_exit(ctx->ret);
+}
+
+
+#define INODE_MAP(name)                                      \
+	struct {                                             \
+		__uint(type, BPF_MAP_TYPE_HASH);             \
+		__uint(max_entries, 262144);                 \
+		__uint(map_flags, BPF_F_NO_PREALLOC);        \
+		__type(key, struct assay_inode_key);         \
+		__type(value, struct assay_rule_ref);        \
+	} name SEC(".maps")
+
+INODE_MAP(file_deny);
+INODE_MAP(file_deny_dirs);
+INODE_MAP(file_allow);
+INODE_MAP(file_allow_dirs);
+INODE_MAP(exec_deny);
+INODE_MAP(exec_deny_dirs);
+INODE_MAP(exec_allow);
+INODE_MAP(exec_allow_dirs);
+
+/* ---------------------------------------------------------------- file and exec enforcement */
+
+static __always_inline __u32 new_encode_dev(__u32 s_dev)
+{
+	__u32 major = s_dev >> 20, minor = s_dev & ((1U << 20) - 1);
+	return (minor & 0xff) | (major << 8) | ((minor & ~0xffU) << 12);
+}
+
+/*
+ * The walks below are global (noinline, non-static) functions: the verifier checks each one once,
+ * on its own, instead of once per path through the caller. Inlined, the nested bounded loops went
+ * past its one-million-instruction limit (E2BIG on 6.1). Global functions take only scalars, so
+ * kernel pointers travel as u64 and are read back with CO-RE probe reads; a match is returned
+ * packed as (rule_id << 32 | depth << 16 | action), 0 meaning none. depth counts the steps from
+ * the file to the matching entry (0: the file itself), so the most specific entry can win.
+ */
+#define PACK(r, depth) (((__u64)(r)->rule_id << 32) | ((__u64)(depth) << 16) | ((r)->action & 0xffff))
+#define MATCH_DEPTH(m) (((m) >> 16) & 0xffff)
+#define MATCH_ACTION(m) ((__u32)(m) & 0xffff)
+
+/* The seed's lookup order: (dev_new, gen), (dev_old, gen), (dev_new, 0), (dev_old, 0). */
+static __always_inline __u64 lookup_inode(void *map, struct inode *inode, __u32 depth)
+{
+	struct assay_inode_key k = {};
+	struct assay_rule_ref *r;
+	__u32 s_dev = BPF_CORE_READ(inode, i_sb, s_dev);
+
+	k.ino = BPF_CORE_READ(inode, i_ino);
+	k.dev = new_encode_dev(s_dev);
+	k.gen = BPF_CORE_READ(inode, i_generation);
+	if ((r = bpf_map_lookup_elem(map, &k)))
+		return PACK(r, depth);
+	k.dev = s_dev;
+	if ((r = bpf_map_lookup_elem(map, &k)))
+		return PACK(r, depth);
+	k.gen = 0;
+	k.dev = new_encode_dev(s_dev);
+	if ((r = bpf_map_lookup_elem(map, &k)))
+		return PACK(r, depth);
+	k.dev = s_dev;
+	if ((r = bpf_map_lookup_elem(map, &k)))
+		return PACK(r, depth);
+	return 0;
+}
+
+static __always_inline struct mount *real_mount(struct vfsmount *m)
+{
+	return (struct mount *)((void *)m - bpf_core_field_offset(struct mount, mnt));
+}
+
+/*
+ * Walks the ancestors of a dentry: first inside its filesystem through d_parent (so a bind mount
+ * of a subdirectory still reaches the protected directory), then across mount points.
+ */
+static __always_inline __u64 lookup_ancestors(void *map, struct dentry *d, struct vfsmount *vmnt)
+{
+	struct mount *mnt = real_mount(vmnt);
+	__u64 r;
+
+	for (int i = 0; i < ASSAY_WALK_DEPTH; i++) {
+		struct dentry *parent = BPF_CORE_READ(d, d_parent);
+		if (parent == d) {
+			struct mount *up = BPF_CORE_READ(mnt, mnt_parent);
+			if (up == mnt)
+				return 0;
+			d = BPF_CORE_READ(mnt, mnt_mountpoint);
+			mnt = up;
+			continue;
+		}
+		d = parent;
+		if ((r = lookup_inode(map, BPF_CORE_READ(d, d_inode), i + 1)))
+			return r;
+	}
+	count(ASSAY_CNT_WALK_TRUNC);
+	return 0;
+}
+
+#define INODE_LOOKUPS(map)                                                                  \
+	__noinline __u64 assay_lookup_##map(__u64 inode)                                    \
+	{                                                                                   \
+		return lookup_inode(&map, (struct inode *)inode, 0);                        \
+	}                                                                                   \
+	__noinline __u64 assay_ancestors_##map(__u64 dentry, __u64 vfsmount)               \
+	{                                                                                   \
+		return lookup_ancestors(&map, (struct dentry *)dentry, (struct vfsmount *)vfsmount); \
+	}
+
+INODE_LOOKUPS(file_deny)
+INODE_LOOKUPS(file_allow)
+INODE_LOOKUPS(file_deny_dirs)
+INODE_LOOKUPS(file_allow_dirs)
+INODE_LOOKUPS(exec_deny)
+INODE_LOOKUPS(exec_allow)
+INODE_LOOKUPS(exec_deny_dirs)
+INODE_LOOKUPS(exec_allow_dirs)
+
+/* Writes the path, as d_path would show it, right-aligned into the decisions' scratch slot; returns
+ * its start offset there. */
+__noinline __u32 assay_resolve_path(__u64 dentry, __u64 vfsmount)
+{
+	struct scratch_buf *s = get_scratch(1);
+	struct dentry *d = (struct dentry *)dentry;
+	struct mount *mnt = real_mount((struct vfsmount *)vfsmount);
+	__u32 off = ASSAY_PATH_MAX - 1;
+
+	if (!s)
+		return off;
+	s->path[ASSAY_PATH_MAX - 1] = 0;
+	for (int i = 0; i < ASSAY_WALK_DEPTH; i++) {
+		/* Forget what the verifier knows of off, so every path into this iteration is the
+		 * same state and gets pruned; otherwise the paths multiply with each iteration. */
+		asm volatile("" : "+r"(off));
+		off &= ASSAY_PATH_MAX - 1;
+		struct dentry *parent = BPF_CORE_READ(d, d_parent);
+		struct dentry *root = BPF_CORE_READ(mnt, mnt.mnt_root);
+		if (d == root || d == parent) {
+			struct mount *up = BPF_CORE_READ(mnt, mnt_parent);
+			if (up == mnt)
+				break;
+			d = BPF_CORE_READ(mnt, mnt_mountpoint);
+			mnt = up;
+			continue;
+		}
+		__u32 len = BPF_CORE_READ(d, d_name.len);
+		const unsigned char *name = BPF_CORE_READ(d, d_name.name);
+		if (len >= ASSAY_NAME_MAX || len + 1 > off)
+			break;
+		off -= len;
+		bpf_probe_read_kernel(s->path + (off & (ASSAY_PATH_MAX - 1)), len & (ASSAY_NAME_MAX - 1), name);
+		off -= 1;
+		s->path[off & (ASSAY_PATH_MAX - 1)] = '/';
+		d = parent;
+	}
+	if (off == ASSAY_PATH_MAX - 1) {
+		off -= 1;
+		s->path[off] = '/';
+	}
+	return off;
+}
+
+static __always_inline void emit_block(enum assay_event_type type, __u64 rule, struct inode *inode,
+				       struct dentry *d, struct vfsmount *mnt)
+{
+	__u32 off = assay_resolve_path((__u64)d, (__u64)mnt) & (ASSAY_PATH_MAX - 1);
+	struct scratch_buf *s = get_scratch(1);
+	if (!s)
+		return;
+	struct assay_block_event *ev = &s->ev.block;
+	fill_header(&ev->hdr, type);
+	ev->ino = BPF_CORE_READ(inode, i_ino);
+	ev->dev = new_encode_dev(BPF_CORE_READ(inode, i_sb, s_dev));
+	ev->gen = BPF_CORE_READ(inode, i_generation);
+	ev->rule_id = rule >> 32;
+	ev->action = MATCH_ACTION(rule);
+	__u32 len = (ASSAY_PATH_MAX - 1 - off) & (ASSAY_PATH_MAX - 1);
+	bpf_probe_read_kernel(ev->path, len, s->path + off);
+	ev->path_len = len;
+	emit(ev, offsetof(struct assay_block_event, path) + len);
+}
+
+/* The inode-identity decision shared by file and exec rules. */
+#define CHECK_INODE(cfg_rules, prefix, file, type)                                                  \
+	({                                                                                          \
+		struct inode *inode_ = BPF_CORE_READ(file, f_inode);                                \
+		struct dentry *d_ = BPF_CORE_READ(file, f_path.dentry);                             \
+		struct vfsmount *mnt_ = BPF_CORE_READ(file, f_path.mnt);                            \
+		__u32 rules_ = (cfg_rules);                                                         \
+		__u64 rule_ = 0;                                                                    \
+		int verdict_ = 0;                                                                   \
+		if (rules_ & ASSAY_RULES_DENY)                                                      \
+			rule_ = assay_lookup_##prefix##_deny((__u64)inode_);                        \
+		if (!rule_ && (rules_ & ASSAY_RULES_DENY_DIRS))                                     \
+			rule_ = assay_ancestors_##prefix##_deny_dirs((__u64)d_, (__u64)mnt_);        \
+		/* The most specific entry wins: an exception closer to the file than the deny   \
+		 * lifts it; at the same distance the deny stays. */                              \
+		if (rule_ && MATCH_DEPTH(rule_) && (rules_ & ASSAY_RULES_ALLOW) &&                  \
+		    assay_lookup_##prefix##_allow((__u64)inode_))                                    \
+			rule_ = 0;                                                                  \
+		if (rule_ && MATCH_DEPTH(rule_) > 1 && (rules_ & ASSAY_RULES_ALLOW_DIRS)) {         \
+			__u64 allow_ = assay_ancestors_##prefix##_allow_dirs((__u64)d_, (__u64)mnt_); \
+			if (allow_ && MATCH_DEPTH(allow_) < MATCH_DEPTH(rule_))                     \
+				rule_ = 0;                                                          \
+		}                                                                                   \
+		if (rule_) {                                                                        \
+			emit_block(type, rule_, inode_, d_, mnt_);                                  \
+			verdict_ = act(MATCH_ACTION(rule_));                                        \
+		}                                                                                   \
+		verdict_;                                                                           \
+	})
+
+/* The file_open decision, for lsm/file_open and fmod_ret/security_file_open alike. ret is what
+ * ran before (an earlier LSM, or an earlier fmod_ret program): a denial stands. */
+static __always_inline int decide_file_open(struct file *file, int ret)
+{
+	struct assay_config *cfg = get_config();
+
+	if (ret || !cfg || !cfg->enforce || !cfg->file_rules)
+		return ret;
+	if (!in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
+		return 0;
+	/* The kernel's own opens for execve (the binary, its ELF interpreter) are proc_exec's
+	 * business: file rules govern what a process opens, not what it runs. */
+	if ((BPF_CORE_READ(file, f_flags) & __FMODE_EXEC) || (BPF_CORE_READ(file, f_mode) & FMODE_EXEC))
+		return 0;
+	return CHECK_INODE(cfg->file_rules, file, file, ASSAY_EV_FILE_BLOCKED);
+}
+
+#endif /* __ASSAY_FILE_BPF_H */

@@ -1,0 +1,302 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/* Connects and sends: connect events, address tries, the socket_connect and socket_sendmsg decisions. */
+#ifndef __ASSAY_NET_BPF_H
+#define __ASSAY_NET_BPF_H
+
+/* ---------------------------------------------------------------- connect */
+
+#define KIND_CONNECT 100
+#define KIND_SEND 101
+
+/* Destinations sends already reported, per process: a UDP or QUIC workload sends thousands of
+ * datagrams to one peer, and each would otherwise cost a ring buffer record. */
+struct sent_key {
+	__u32 tgid;
+	__u16 family;
+	__u16 port;
+	__u8 addr[16];
+	__u32 failed;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct sent_key);
+	__type(value, __u8);
+} sent SEC(".maps");
+
+SEC("tracepoint/syscalls/sys_enter_connect")
+int assay_connect_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	struct assay_config *cfg = get_config();
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid;
+
+	if (!cfg || !wants(cfg, ASSAY_EV_CONNECT) || !in_scope(cfg, pid_tgid >> 32))
+		return 0;
+	struct pending_call pc = {.ptr = ctx->args[1], .dfd = (__s32)ctx->args[0], .kind = KIND_CONNECT};
+	if (bpf_map_update_elem(&pending, &tid, &pc, BPF_ANY))
+		count(ASSAY_CNT_PENDING_FULL);
+	return 0;
+}
+
+/* A send that names its destination (sendto, sendmsg, sendmmsg's first message): reported as a
+ * connect event with op=sendmsg, so recordings see every destination the net rules judge. */
+static __always_inline int send_enter(__u64 addr, __s32 fd)
+{
+	struct assay_config *cfg = get_config();
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid;
+
+	if (!addr || !cfg || !wants(cfg, ASSAY_EV_CONNECT) || !in_scope(cfg, pid_tgid >> 32))
+		return 0;
+	struct pending_call pc = {.ptr = addr, .dfd = fd, .kind = KIND_SEND};
+	if (bpf_map_update_elem(&pending, &tid, &pc, BPF_ANY))
+		count(ASSAY_CNT_PENDING_FULL);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendto")
+int assay_sendto_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	return send_enter(ctx->args[4], (__s32)ctx->args[0]);
+}
+
+/* msg_name is the first member of struct user_msghdr, and that is the first of struct mmsghdr. */
+static __always_inline __u64 msg_name(__u64 umsg)
+{
+	__u64 name = 0;
+	bpf_probe_read_user(&name, sizeof(name), (void *)umsg);
+	return name;
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendmsg")
+int assay_sendmsg_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	return send_enter(msg_name(ctx->args[1]), (__s32)ctx->args[0]);
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendmmsg")
+int assay_sendmmsg_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	return send_enter(msg_name(ctx->args[1]), (__s32)ctx->args[0]);
+}
+
+static __always_inline int net_exit(long ret, __u32 kind)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid;
+	struct pending_call *pc = bpf_map_lookup_elem(&pending, &tid);
+	if (!pc)
+		return 0;
+	if (pc->kind != kind)
+		goto out;
+
+	struct assay_connect_event ev = {};
+	__u16 family = 0;
+	bpf_probe_read_user(&family, sizeof(family), (void *)pc->ptr);
+	if (family == AF_INET) {
+		struct sockaddr_in sa = {};
+		bpf_probe_read_user(&sa, sizeof(sa), (void *)pc->ptr);
+		ev.port = __builtin_bswap16(sa.sin_port);
+		__builtin_memcpy(ev.addr, &sa.sin_addr, 4);
+	} else if (family == AF_INET6) {
+		struct sockaddr_in6 sa6 = {};
+		bpf_probe_read_user(&sa6, sizeof(sa6), (void *)pc->ptr);
+		ev.port = __builtin_bswap16(sa6.sin6_port);
+		__builtin_memcpy(ev.addr, &sa6.sin6_addr, 16);
+	} else {
+		goto out;   /* unix and other families are not network connects */
+	}
+	if (kind == KIND_SEND) {
+		struct sent_key k = {.tgid = pid_tgid >> 32, .family = family,
+				     .port = ev.port, .failed = ret < 0};
+		__u8 one = 1;
+		__builtin_memcpy(k.addr, ev.addr, 16);
+		if (bpf_map_update_elem(&sent, &k, &one, BPF_NOEXIST))
+			goto out; /* this process already sent there (or the map is busy) */
+		ev.op = ASSAY_NET_OP_SENDMSG;
+		ret = ret < 0 ? ret : 0; /* a byte count is not an outcome */
+	}
+	fill_header(&ev.hdr, ASSAY_EV_CONNECT);
+	ev.family = family;
+	ev.ret = (__s32)ret;
+	ev.fd = pc->dfd;
+	emit(&ev, sizeof(ev));
+out:
+	bpf_map_delete_elem(&pending, &tid);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_connect")
+int assay_connect_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return net_exit(ctx->ret, KIND_CONNECT);
+}
+
+SEC("tracepoint/syscalls/sys_exit_sendto")
+int assay_sendto_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return net_exit(ctx->ret, KIND_SEND);
+}
+
+SEC("tracepoint/syscalls/sys_exit_sendmsg")
+int assay_sendmsg_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return net_exit(ctx->ret, KIND_SEND);
+}
+
+SEC("tracepoint/syscalls/sys_exit_sendmmsg")
+int assay_sendmmsg_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return net_exit(ctx->ret, KIND_SEND);
+}
+
+
+#define LPM_MAP(name, keytype)                               \
+	struct {                                             \
+		__uint(type, BPF_MAP_TYPE_LPM_TRIE);         \
+		__uint(max_entries, 16384);                  \
+		__uint(map_flags, BPF_F_NO_PREALLOC);        \
+		__type(key, keytype);                        \
+		__type(value, struct assay_net_value);       \
+	} name SEC(".maps")
+
+LPM_MAP(net_deny4, struct assay_lpm4_key);
+LPM_MAP(net_deny6, struct assay_lpm6_key);
+LPM_MAP(net_allow4, struct assay_lpm4_key);
+LPM_MAP(net_allow6, struct assay_lpm6_key);
+
+/* ---------------------------------------------------------------- connect enforcement */
+
+/* The strongest deny range for this port that its own rule's exceptions do not lift: a `not` of
+ * one rule never lifts another rule's deny. Both values list every range of every covering
+ * prefix (closed in userspace), strongest first. */
+static __always_inline struct assay_port_range *net_verdict(struct assay_net_value *deny,
+							    struct assay_net_value *allow, __u16 port)
+{
+	if (!deny)
+		return NULL;
+	for (int i = 0; i < ASSAY_NET_RANGES; i++) {
+		if (i >= deny->count)
+			break;
+		struct assay_port_range *d = &deny->ranges[i];
+		if (port < d->lo || port > d->hi)
+			continue;
+		bool lifted = false;
+		for (int j = 0; allow && j < ASSAY_NET_RANGES; j++) {
+			if (j >= allow->count)
+				break;
+			struct assay_port_range *a = &allow->ranges[j];
+			if (a->rule_id == d->rule_id && port >= a->lo && port <= a->hi) {
+				lifted = true;
+				break;
+			}
+		}
+		if (!lifted)
+			return d;
+	}
+	return NULL;
+}
+
+static __always_inline void emit_net_block(struct assay_port_range *r, __u16 family, __u16 port, __u16 proto,
+					   __u16 op, const void *addr, __u32 addr_len)
+{
+	struct assay_net_block_event ev = {};
+
+	fill_header(&ev.hdr, ASSAY_EV_NET_BLOCKED);
+	ev.rule_id = r->rule_id;
+	ev.action = r->action;
+	ev.family = family;
+	ev.port = port;
+	ev.protocol = proto;
+	ev.op = op;
+	bpf_probe_read_kernel(ev.addr, addr_len & 31, addr);
+	emit(&ev, sizeof(ev));
+}
+
+/* The net rules' verdict on one destination (a kernel copy of the caller's sockaddr). */
+static __always_inline int judge_net(struct assay_config *cfg, struct socket *sock, struct sockaddr *address,
+				     __u16 op)
+{
+	__u16 family = BPF_CORE_READ(address, sa_family);
+	__u16 proto = BPF_CORE_READ(sock, sk, sk_protocol);
+	struct assay_lpm4_key k4 = {.prefixlen = 32};
+	struct assay_lpm6_key k6 = {.prefixlen = 128};
+	struct assay_port_range *deny = NULL;
+	__u16 port;
+	bool v4;
+
+	if (family == AF_INET) {
+		struct sockaddr_in *sin = (struct sockaddr_in *)address;
+		port = __builtin_bswap16(BPF_CORE_READ(sin, sin_port));
+		bpf_probe_read_kernel(k4.addr, 4, &sin->sin_addr);
+		v4 = true;
+	} else if (family == AF_INET6) {
+		struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)address;
+		port = __builtin_bswap16(BPF_CORE_READ(sin6, sin6_port));
+		bpf_probe_read_kernel(k6.addr, 16, &sin6->sin6_addr);
+		/* ::ffff:a.b.c.d is an IPv4 peer: judge it by the IPv4 rules, so it is no way around them. */
+		v4 = !k6.addr[0] && !k6.addr[1] && !k6.addr[2] && !k6.addr[3] && !k6.addr[4] && !k6.addr[5] &&
+		     !k6.addr[6] && !k6.addr[7] && !k6.addr[8] && !k6.addr[9] && k6.addr[10] == 0xff &&
+		     k6.addr[11] == 0xff;
+		if (v4)
+			__builtin_memcpy(k4.addr, &k6.addr[12], 4);
+	} else {
+		return 0;
+	}
+
+	if (v4) {
+		if (cfg->net_rules & ASSAY_NET_DENY4)
+			deny = net_verdict(bpf_map_lookup_elem(&net_deny4, &k4),
+					   (cfg->net_rules & ASSAY_NET_ALLOW4) ? bpf_map_lookup_elem(&net_allow4, &k4) : NULL,
+					   port);
+	} else {
+		if (cfg->net_rules & ASSAY_NET_DENY6)
+			deny = net_verdict(bpf_map_lookup_elem(&net_deny6, &k6),
+					   (cfg->net_rules & ASSAY_NET_ALLOW6) ? bpf_map_lookup_elem(&net_allow6, &k6) : NULL,
+					   port);
+	}
+	if (!deny)
+		return 0;
+	if (v4)
+		emit_net_block(deny, AF_INET, port, proto, op, k4.addr, 4);
+	else
+		emit_net_block(deny, AF_INET6, port, proto, op, k6.addr, 16);
+	return act(deny->action);
+}
+
+/* The socket_connect decision (lsm/socket_connect, fmod_ret/security_socket_connect). */
+static __always_inline int decide_socket_connect(struct socket *sock, struct sockaddr *address, int ret)
+{
+	struct assay_config *cfg = get_config();
+
+	if (ret || !cfg || !cfg->enforce || !cfg->net_rules)
+		return ret;
+	if (!in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
+		return 0;
+	return judge_net(cfg, sock, address, ASSAY_NET_OP_CONNECT);
+}
+
+/* A destination given with the data never passes socket_connect: sendto/sendmsg on an
+ * unconnected (or connected: UDP honours it) datagram socket, and TCP Fast Open's implicit
+ * connect. Without this decision, an unconnected UDP socket would reach any denied address. */
+static __always_inline int decide_socket_sendmsg(struct socket *sock, struct msghdr *msg, int ret)
+{
+	struct assay_config *cfg = get_config();
+
+	if (ret || !cfg || !cfg->enforce || !cfg->net_rules)
+		return ret;
+	struct sockaddr *address = BPF_CORE_READ(msg, msg_name);
+	if (!address || BPF_CORE_READ(msg, msg_namelen) < (int)sizeof(__u16))
+		return 0; /* no destination: the socket's peer, judged at connect */
+	/* A stream socket ignores the address, except to open a Fast Open connection. */
+	if (BPF_CORE_READ(sock, type) == SOCK_STREAM &&
+	    (!(BPF_CORE_READ(msg, msg_flags) & MSG_FASTOPEN) || BPF_CORE_READ(sock, state) != SS_UNCONNECTED))
+		return 0;
+	if (!in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
+		return 0;
+	return judge_net(cfg, sock, address, ASSAY_NET_OP_SENDMSG);
+}
+
+#endif /* __ASSAY_NET_BPF_H */
