@@ -10,7 +10,6 @@ from typing import Callable, List, Optional
 import attrs
 
 from assay import enforcers, libbpf, system
-from assay.enforcers import lsm as lsm_backend
 from assay.errors import AssayError, EXIT_BPF, EXIT_OK
 
 @attrs.frozen
@@ -43,11 +42,9 @@ def _lsm() -> Check:
     # Only the lsm backend needs it: fmod_ret enforces without `bpf` in the list.
     lsms = system.active_lsms()
     if not lsms:
-        return Check("bpf_lsm", False, "cannot read /sys/kernel/security/lsm", lsm_backend.ENABLE_FIX,
-                     required=False)
-    ok = "bpf" in lsms
-    return Check("bpf_lsm", ok, "active LSMs: " + ",".join(lsms), "" if ok else lsm_backend.ENABLE_FIX,
-                 required=False)
+        return Check("bpf_lsm", False, "cannot read /sys/kernel/security/lsm", required=False)
+    # The fix, where it matters, is on the enforcer_lsm line.
+    return Check("bpf_lsm", "bpf" in lsms, "active LSMs: " + ",".join(lsms), required=False)
 
 
 def _lockdown() -> Check:
@@ -160,8 +157,11 @@ def as_dict(checks: List[Check]) -> dict:
 
 def as_text(checks: List[Check]) -> str:
     lines = []
+    # A backend that does not work is a failure only when no other one does.
+    none_enforces = enforcer(checks) is None
     for c in checks:
-        mark = "ok  " if c.ok else ("FAIL" if c.required or c.name.startswith("enforcer_") else "warn")
+        mark = "ok  " if c.ok else ("FAIL" if c.required or (none_enforces and c.name.startswith("enforcer_"))
+                                    else "warn")
         lines.append(f"[{mark}] {c.name:18} {c.detail}")
         if not c.ok and c.fix:
             lines.append(f"       fix: {c.fix}")

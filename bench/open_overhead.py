@@ -1,8 +1,9 @@
-"""Cost of open+close under the LSM hook: no BPF, 0 rules, 10k non-matching rules, plus a subtree rule.
+"""Cost of open+close under the file_open decision, for both backends (lsm/file_open and
+fmod_ret/security_file_open): no BPF, 0 rules, 10k non-matching rules, plus a subtree rule.
 
 All phases run in one process, in one boot, interleaved over several rounds (the machine, or the
-emulated VM, is noisy); ratios to the no-BPF baseline are the result. Needs BPF LSM (a matrix
-guest: `make bench-vm`). Usage (root): python bench/open_overhead.py [--ops N] [--rounds R]
+emulated VM, is noisy); ratios to the no-BPF baseline are the result. Needs both backends (a matrix
+guest with bpf in its LSM list: `make bench-vm`). Usage (root): python bench/open_overhead.py [--ops N] [--rounds R]
 """
 from __future__ import annotations
 
@@ -54,10 +55,13 @@ def main() -> int:
         idents.append(enforce.identify(p))
     ref = bytes(abi.RuleRef(rule_id=1, action=int(abi.Action.DENY)))
 
-    samples = {"no_bpf": [], "lsm_0_rules": [], "lsm_10k_rules": [], "lsm_10k_rules_subtree": []}
+    progs = {"lsm": "lsm_file_open", "fmod_ret": "fmod_file_open"}
+    samples = {"no_bpf": []}
+    for b in progs:
+        samples.update({f"{b}_0_rules": [], f"{b}_10k_rules": [], f"{b}_10k_rules_subtree": []})
     with Object(default_object_path()) as obj:
         for p in obj.programs.values():
-            p.autoload = p.name == "assay_file_open"
+            p.autoload = p.name in progs.values()
         obj.load()
         cfg_map = obj.maps["assay_config"]
         # monitor_tgid 0: this very process is in scope (scope_all), as a workload would be
@@ -71,21 +75,19 @@ def main() -> int:
         obj.maps["file_deny"].update_many([(k, ref) for ident in idents for k in ident.keys()])
         for k in enforce.identify(other_dir).keys():
             obj.maps["file_deny_dirs"].update(k, ref)
-        link = None
         for _ in range(args.rounds):
-            if link:
-                link.destroy()
-                link = None
             samples["no_bpf"].append(time_opens(target, args.ops))
-            link = obj.programs["assay_file_open"].attach()
-            configure(0)
-            samples["lsm_0_rules"].append(time_opens(target, args.ops))
-            configure(abi.RULES_DENY)
-            samples["lsm_10k_rules"].append(time_opens(target, args.ops))
-            configure(abi.RULES_DENY | abi.RULES_DENY_DIRS)
-            samples["lsm_10k_rules_subtree"].append(time_opens(target, args.ops))
-        if link:
-            link.destroy()
+            for b, name in progs.items():
+                link = obj.programs[name].attach()
+                try:
+                    configure(0)
+                    samples[f"{b}_0_rules"].append(time_opens(target, args.ops))
+                    configure(abi.RULES_DENY)
+                    samples[f"{b}_10k_rules"].append(time_opens(target, args.ops))
+                    configure(abi.RULES_DENY | abi.RULES_DENY_DIRS)
+                    samples[f"{b}_10k_rules_subtree"].append(time_opens(target, args.ops))
+                finally:
+                    link.destroy()
     med = {k: statistics.median(v) for k, v in samples.items()}
     result = {
         "bench": "open_overhead", "ops_per_sample": args.ops, "rounds": args.rounds, "rules": args.rules,
@@ -99,7 +101,7 @@ def main() -> int:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     for k, v in med.items():
-        print(f"{k:24} {v * 1e6:8.2f} us/open+close  x{v / med['no_bpf']:.3f}")
+        print(f"{k:30} {v * 1e6:8.2f} us/open+close  x{v / med['no_bpf']:.3f}")
     print(json.dumps(result))
     return 0
 

@@ -55,9 +55,10 @@ def test_doctor_text_names_each_backend_and_its_fix(assay_cmd, truth):
     p = subprocess.run(assay_cmd + ["doctor"], capture_output=True, text=True, timeout=60)
     assert "Traceback" not in p.stderr
     lines = p.stdout.splitlines()
+    any_ok = truth["lsm"] or truth["fmod_ret"]
     for name in ("lsm", "fmod_ret"):
         line = next(line for line in lines if f" enforcer_{name} " in line)
-        assert line.startswith("[ok  ]" if truth[name] else "[FAIL]"), line
+        assert line.startswith("[ok  ]" if truth[name] else "[warn]" if any_ok else "[FAIL]"), line
     if p.returncode == 40:
         assert "fix:" in p.stdout and lines[-1].endswith("enforcement: NOT available (exit 40)")
     else:

@@ -27,10 +27,27 @@ def backend(name):
     return next(b for b in enforcers.BACKENDS if b.name == name)
 
 
+def assert_refused(name, assay_cmd, tmp_path):
+    """The documented refusal: --enforcer lsm without `bpf` in the LSM list exits 40 and says why,
+    before the workload runs (its hooks would attach but never be called)."""
+    assert name == "lsm"
+    assert backend(name).precheck().startswith("bpf is not an active LSM")
+    pol = tmp_path / "p.yaml"
+    pol.write_text('version: "2.0"\nname: t\nruntime_monitor:\n  enabled: true\n  rules:\n'
+                   "    - id: s\n      type: file_open\n      match: { path_globs: ['/etc/hostname'] }\n"
+                   "      action: deny\n")
+    marker = tmp_path / "ran"
+    p = subprocess.run(assay_cmd + ["monitor", "--enforcer", name, "--policy", str(pol), "--", "touch", str(marker)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 40, p.stderr
+    assert "  lsm: bpf is not an active LSM (active: " in p.stderr and "Traceback" not in p.stderr
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("name", ["lsm", "fmod_ret"])
-def test_every_program_of_a_backend_loads_and_attaches(name, expected_enforcer):
+def test_every_program_of_a_backend_loads_and_attaches(name, expected_enforcer, assay_cmd, tmp_path):
     if name not in usable(expected_enforcer):
-        pytest.skip(f"{name} is not usable in this row (test_lsm_backend_refused_where_bpf_is_not_an_lsm)")
+        return assert_refused(name, assay_cmd, tmp_path)
     tracefs = system.ensure_tracefs()
     assert tracefs
     b = backend(name)
@@ -50,9 +67,9 @@ def test_every_program_of_a_backend_loads_and_attaches(name, expected_enforcer):
 
 
 @pytest.mark.parametrize("name", ["lsm", "fmod_ret"])
-def test_trivial_deny_through_loader(name, expected_enforcer, tmp_path):
+def test_trivial_deny_through_loader(name, expected_enforcer, assay_cmd, tmp_path):
     if name not in usable(expected_enforcer):
-        pytest.skip(f"{name} is not usable in this row (test_lsm_backend_refused_where_bpf_is_not_an_lsm)")
+        return assert_refused(name, assay_cmd, tmp_path)
     target = tmp_path / "denied"
     target.write_text("x")
     with enforcers.load_and_attach(lambda: Object(default_object_path()), backend(name)) as obj:
@@ -69,23 +86,6 @@ def test_trivial_deny_through_loader(name, expected_enforcer, tmp_path):
     assert got, "no file_blocked event"
     # after close, the program is gone: the file opens again
     assert subprocess.run(["cat", str(target)], capture_output=True).returncode == 0
-
-
-def test_lsm_backend_refused_where_bpf_is_not_an_lsm(assay_cmd, expected_enforcer, tmp_path):
-    """The documented refusal: --enforcer lsm without `bpf` in the LSM list exits 40 and says why,
-    before the workload runs (its hooks would attach but never be called)."""
-    if expected_enforcer == "lsm":
-        pytest.skip("bpf is an active LSM in this row: the lsm backend works (test_trivial_deny_through_loader)")
-    pol = tmp_path / "p.yaml"
-    pol.write_text('version: "2.0"\nname: t\nruntime_monitor:\n  enabled: true\n  rules:\n'
-                   "    - id: s\n      type: file_open\n      match: { path_globs: ['/etc/hostname'] }\n"
-                   "      action: deny\n")
-    marker = tmp_path / "ran"
-    p = subprocess.run(assay_cmd + ["monitor", "--enforcer", "lsm", "--policy", str(pol), "--", "touch", str(marker)],
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 40, p.stderr
-    assert "lsm: bpf is not an active LSM" in p.stderr and "Traceback" not in p.stderr
-    assert not marker.exists()
 
 
 def test_events_stream(assay_cmd, tmp_path):
