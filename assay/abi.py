@@ -11,6 +11,8 @@ ARGS_MAX = 1024
 NAME_MAX = 256
 WALK_DEPTH = 48
 CGROUP_DEPTH = 32
+KILL_REQUESTS = 4096
+ACT_FLAG_NOT_MAPS = 0x100   # assay.h ASSAY_ACT_FLAG_NOT_MAPS
 
 RULES_DENY, RULES_DENY_DIRS, RULES_ALLOW, RULES_ALLOW_DIRS = 1, 2, 4, 8
 NET_DENY4, NET_DENY6, NET_ALLOW4, NET_ALLOW6 = 1, 2, 4, 8
@@ -44,7 +46,9 @@ class Counter(enum.IntEnum):
     SCOPE_FULL = 1
     WALK_TRUNC = 2
     PENDING_FULL = 3
-    MAX = 4
+    KILL_FULL = 4
+    DISCONNECTED = 5
+    MAX = 6
 
 
 class OpenSyscall(enum.IntEnum):
@@ -56,6 +60,7 @@ class OpenSyscall(enum.IntEnum):
 class NetOp(enum.IntEnum):
     CONNECT = 0
     SENDMSG = 1
+    SOURCE_ROUTE = 2
 
 
 # C enum name -> (Python enum, prefix of its C constants)

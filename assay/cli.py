@@ -40,7 +40,7 @@ def monitor(
     all_: bool = typer.Option(False, "--all", help="Monitor every process on the host."),
     duration: Optional[str] = typer.Option(None, "--duration", help="Stop after this long (10s, 2m)."),
     fmt: str = typer.Option("json", "--format", help="json (one object per line) or text."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write events to FILE instead of stdout."),
+    output_path: Optional[str] = typer.Option(None, "--output", "-o", help="Write events to FILE instead of stdout."),
     ebpf: Optional[str] = typer.Option(None, "--ebpf", help="Use this BPF object instead of the packaged one."),
     ringbuf_size: Optional[int] = typer.Option(None, "--ringbuf-size", help="Ring buffer bytes (power of 2)."),
     policy: Optional[str] = typer.Option(None, "--policy", help="Enforce this policy (YAML) in the kernel."),
@@ -48,12 +48,16 @@ def monitor(
                                                             "lsm or fmod_ret."),
     record: Optional[str] = typer.Option(None, "--record", help="Write the run's behaviour for learning mode."),
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Run id for --record (default: generated)."),
+    wait_all: bool = typer.Option(False, "--wait-all", help="After COMMAND exits, wait for every process left "
+                                                             "in its scope instead of ending them."),
+    scope_grace: str = typer.Option("3s", "--scope-grace", help="After COMMAND exits, processes left in its scope "
+                                                               "get SIGTERM, then SIGKILL after this long."),
     command: List[str] = typer.Argument(None, metavar="[-- COMMAND [ARGS]...]"),
 ) -> None:
     """Stream the events of a process tree, a cgroup, or a command started in scope."""
     from assay.monitor import Monitor, MonitorOptions, Scope, parse_duration
 
-    from assay import enforcers
+    from assay import enforcers, output
 
     if fmt not in ("json", "text"):
         raise UsageError(f"--format: invalid value {fmt!r} (choose json or text)")
@@ -65,8 +69,9 @@ def monitor(
         from assay.policy import load_policy, resolve_hosts
         pol = resolve_hosts(load_policy(policy))
     opts = MonitorOptions(policy=pol, scope=Scope(pids=tuple(pid), cgroup=cgroup, all=all_), command=tuple(command or ()),
-                          duration=parse_duration(duration) if duration else None, fmt=fmt, output=output,
-                          ebpf=ebpf, ringbuf_size=ringbuf_size, enforcer=enforcer)
+                          duration=parse_duration(duration) if duration else None, fmt=fmt, output=output_path,
+                          ebpf=ebpf, ringbuf_size=ringbuf_size, enforcer=enforcer, wait_all=wait_all,
+                          scope_grace=parse_duration(scope_grace))
     recorder = None
     if record:
         from assay import learning
@@ -78,25 +83,27 @@ def monitor(
         raise UsageError("--run-id needs --record")
     mon = Monitor(opts, on_event=recorder.feed if recorder else None)
     try:
-        out = open(output, "w", buffering=1) if output else sys.stdout
+        out = output.EventWriter.to_path(output_path) if output_path else output.EventWriter.to_stdout()
     except OSError as e:
-        raise UsageError(f"--output {output}: {e.strerror}") from None
+        raise UsageError(f"--output {output_path}: {e.strerror}") from None
     try:
         code = mon.run(out)
     finally:
-        if output:
-            out.close()
+        out.close()
         s = mon.summary
+        s.output_lost, s.output_errors = out.lost, dict(out.errors)
         if mon.obj is None:  # failed before loading: the error says it all
             raise
         if recorder is not None:
             run = recorder.write()
-            print(f"assay: recorded {len(run.items)} distinct items to {record} (run id {run.header.run_id})",
-                  file=sys.stderr)
-        print(json.dumps({"summary": s.as_dict()}) if fmt == "json" else s.as_text(), file=sys.stderr)
+            output.say(f"assay: recorded {len(run.items)} distinct items to {record} (run id {run.header.run_id})")
+        output.say(json.dumps({"summary": s.as_dict()}) if fmt == "json" else s.as_text())
         if s.dropped:
-            print(f"assay: WARNING: {s.dropped} events were dropped (ring buffer full); "
-                  "raise --ringbuf-size", file=sys.stderr)
+            output.say(f"assay: WARNING: {s.dropped} events were dropped (ring buffer full); raise --ringbuf-size")
+        if s.output_lost:
+            why = ", ".join(f"{k} x{v}" for k, v in sorted(s.output_errors.items())) or "output too slow"
+            output.say(f"assay: WARNING: {s.output_lost} events could not be written to "
+                       f"{output_path or 'stdout'} ({why}); enforcement was not affected")
     raise typer.Exit(code)
 
 

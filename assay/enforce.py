@@ -212,12 +212,32 @@ def apply(plan_: Plan, maps: Dict[str, object]) -> int:
         for kb in e.inode.keys():
             cur = per.get(kb)
             if cur is None or strength > cur[0]:
-                per[kb] = (strength, e.rule_index, int(e.action))
+                per[kb] = (strength, e.rule_index, int(e.action) | _map_flag(e))
     written = 0
     for map_name, per in best.items():
         maps[map_name].update_many([(kb, _REF.pack(idx, act)) for kb, (_, idx, act) in per.items()])
         written += len(per)
+    devs = subtree_devs(plan_)
+    if devs:
+        maps["subtree_devs"].update_many([(struct.pack("<I", d), struct.pack("<I", 1)) for d in devs])
     return written
+
+
+def _map_flag(e) -> int:
+    """The catch-all of an allow-list (a proc_exec subtree rule on /) judges execve only: the
+    shared libraries a program maps are not in the list (see bpf/src/exec.bpf.h)."""
+    return abi.ACT_FLAG_NOT_MAPS if e.map_name == "exec_deny_dirs" and e.path == "/" else 0
+
+
+def subtree_devs(plan_: Plan) -> List[int]:
+    """The filesystems holding a subtree deny, in both dev encodings: on them a walk that cannot
+    finish (too deep, a disconnected dentry) denies."""
+    out = set()
+    for e in plan_.entries:
+        if e.map_name.endswith("_deny_dirs"):
+            major, minor = os.major(e.inode.dev), os.minor(e.inode.dev)
+            out.update({e.inode.dev & 0xFFFFFFFF, ((major << 20) | minor) & 0xFFFFFFFF})
+    return sorted(out)
 
 
 # ---------------------------------------------------------------- net_connect rules

@@ -20,6 +20,8 @@ FAMILIES = {2: "inet", 10: "inet6"}
 PROTOCOLS = {6: "tcp", 17: "udp"}
 NET_OPS = {o: o.name.lower() for o in abi.NetOp}
 SYSCALLS = {0: "openat", 1: "openat2", 2: "open"}
+BUILTIN_SOURCE_ROUTE = "builtin:source-route"
+BUILTIN_UNPROVABLE = "builtin:unprovable-path"
 
 # Control characters, backslash, and the surrogates that surrogateescape makes of invalid UTF-8.
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\\\\\udc80-\udcff]")
@@ -148,7 +150,12 @@ class Decoder:
             ev["error"] = _errname(ret)
 
     def _rule(self, ev, rule_id, action):
-        ev["rule"] = self.rule_names.get(rule_id, str(rule_id))
+        # rule id 0 is no policy rule but a built-in refusal: a source route (net_blocked), or a
+        # path whose ancestry could not be walked to its end (file_blocked, exec_blocked)
+        if rule_id:
+            ev["rule"] = self.rule_names.get(rule_id, str(rule_id))
+        else:
+            ev["rule"] = BUILTIN_SOURCE_ROUTE if ev["type"] == "net_blocked" else BUILTIN_UNPROVABLE
         ev["rule_id"] = rule_id
         ev["action"] = ACTION_NAMES.get(action, str(action))
         if self.enforcer:
@@ -177,6 +184,10 @@ def _host_port(ev: dict) -> str:
     return f"{host}:{ev['port']}"
 
 
+def _via(ev: dict) -> str:
+    return f" enforcer={ev['enforcer']}" if ev.get("enforcer") else ""
+
+
 def to_text(ev: dict) -> str:
     """One line for people; every string in ev is already escaped."""
     who = f"[{ev['pid']} {ev['comm']}]"
@@ -197,11 +208,11 @@ def to_text(ev: dict) -> str:
     if t in ("file_blocked", "exec_blocked", "file_alert", "exec_alert"):
         verb = "BLOCKED" if t.endswith("blocked") else "ALERT"
         return (f"{who} {verb} {t.split('_')[0].upper()} {ev['path']} rule={ev['rule']} "
-                f"action={ev['action']} dev={ev['dev']} ino={ev['ino']} gen={ev['gen']}")
+                f"action={ev['action']} dev={ev['dev']} ino={ev['ino']} gen={ev['gen']}{_via(ev)}")
     if t in ("net_blocked", "net_alert"):
         verb = "BLOCKED" if t.endswith("blocked") else "ALERT"
         return (f"{who} {verb} {ev.get('op', 'connect').upper()} {_host_port(ev)} "
-                f"rule={ev['rule']} action={ev['action']}")
+                f"rule={ev['rule']} action={ev['action']}{_via(ev)}")
     if t == "process_killed":
         return f"{who} KILLED with {ev['signal']} rule={ev['rule']}"
     return f"{who} {t}"

@@ -5,15 +5,14 @@ import collections
 import ctypes
 import os
 import signal
-import sys
 import time
 from importlib import resources
-from typing import Callable, Dict, List, Optional, Sequence, TextIO
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import attrs
 import structlog
 
-from assay import abi, enforce, enforcers, events, system
+from assay import abi, enforce, enforcers, events, output, reaper, spawn, system
 from assay.bpf import Object, RingBuffer
 from assay.errors import BpfError, UsageError
 
@@ -52,6 +51,8 @@ class MonitorOptions:
     events: tuple = ALL_EVENTS
     policy: Optional[object] = None   # assay.policy.Policy
     enforcer: str = "auto"            # auto, or one backend of assay.enforcers
+    wait_all: bool = False            # after the command exits, wait for the rest of its scope
+    scope_grace: float = 3.0          # otherwise: SIGTERM it, and SIGKILL after this many seconds
 
 
 @attrs.define
@@ -61,6 +62,9 @@ class Summary:
     duration_s: float = 0.0
     exit_status: Optional[int] = None
     enforcer: Optional[str] = None    # the backend that enforced the policy, None without one
+    output_lost: int = 0              # events that never reached --output / stdout
+    output_errors: Dict[str, int] = attrs.Factory(dict)
+    scope_survivors: int = 0          # processes still alive after the end of scope (should be 0)
 
     @property
     def dropped(self) -> int:
@@ -71,14 +75,17 @@ class Summary:
                 "dropped": self.dropped, "lost": {k: v for k, v in self.kernel_counters.items()
                                                  if k != "ringbuf_drop" and v},
                 "duration_s": round(self.duration_s, 3), "exit_status": self.exit_status,
-                "enforcer": self.enforcer}
+                "enforcer": self.enforcer, "output_lost": self.output_lost,
+                **({"output_errors": dict(self.output_errors)} if self.output_errors else {}),
+                **({"scope_survivors": self.scope_survivors} if self.scope_survivors else {})}
 
     def as_text(self) -> str:
         per = ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())) or "none"
         lost = ", ".join(f"{k}={v}" for k, v in self.kernel_counters.items() if k != "ringbuf_drop" and v)
         text = (f"assay: {sum(self.counts.values())} events ({per}); dropped={self.dropped}"
                 f"{'; lost: ' + lost if lost else ''}; duration={self.duration_s:.2f}s"
-                f"{'; enforcer=' + self.enforcer if self.enforcer else ''}")
+                f"{'; enforcer=' + self.enforcer if self.enforcer else ''}"
+                f"{f'; output_lost={self.output_lost}' if self.output_lost else ''}")
         if self.exit_status is not None:
             text += f"; command exit status={self.exit_status}"
         return text
@@ -158,10 +165,9 @@ class Monitor:
         self.backend: Optional[enforcers.Backend] = None
         self._stop = False
         self._child: Optional[int] = None
-        self._out: Optional[TextIO] = None
+        self._out: Optional[output.EventWriter] = None
         self.plan: Optional[enforce.Plan] = None
         self.net_plan: Optional[enforce.NetPlan] = None
-        self._kills: Dict[int, tuple] = {}   # pid -> (pidfd, SIGKILL deadline, rule)
 
     # ------------------------------------------------------------ setup
     def load(self) -> Object:
@@ -197,7 +203,7 @@ class Monitor:
             obj, self.backend, passed_over = enforcers.choose(self.opts.enforcer, open_object)
             self.decoder.enforcer = self.summary.enforcer = self.backend.name
             why = f" ({'; '.join(passed_over)})" if passed_over else ""
-            print(f"assay: enforcing via {self.backend.name}{why}", file=sys.stderr)
+            output.say(f"assay: enforcing via {self.backend.name}{why}")
         self.obj = obj
         return obj
 
@@ -208,9 +214,9 @@ class Monitor:
         self.plan = enforce.plan(self.opts.policy)
         self.net_plan = enforce.plan_net(self.opts.policy)
         for note in self.plan.notes:
-            print(f"assay: note: {note}", file=sys.stderr)
+            output.say(f"assay: note: {note}")
         for host, addrs in self.opts.policy.resolved_hosts().items():
-            print(f"assay: note: {host} resolved to {', '.join(addrs)}", file=sys.stderr)
+            output.say(f"assay: note: {host} resolved to {', '.join(addrs)}")
         self.decoder.rule_names = self.plan.rule_names
         if self.plan.needs_lsm or self.net_plan.bits:
             self.enforce = True
@@ -254,37 +260,23 @@ class Monitor:
             out[c.name.lower()] = sum(int.from_bytes(v, "little") for v in vals)
         return out
 
-    # ------------------------------------------------------------ run
-    def _spawn(self, argv: Sequence[str]) -> int:
-        """Starts argv already in scope: the child waits on a pipe until its pid is in the map."""
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child
-            try:
-                os.close(w)
-                if os.read(r, 1) != b"x":
-                    os._exit(126)  # the monitor died before scoping us: never run unobserved
-                os.close(r)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-                os.execvp(argv[0], list(argv))
-            except OSError as e:
-                os.write(2, f"assay: cannot run {argv[0]}: {e.strerror}\n".encode())
-                os._exit(127 if e.errno == 2 else 126)
-            finally:
-                os._exit(126)
-        os.close(r)
-        try:
-            self.add_pid(pid)
-        except BaseException:
-            os.close(w)  # child sees EOF and exits without running the command
-            os.waitpid(pid, 0)
-            raise
-        os.write(w, b"x")
-        os.close(w)
-        return pid
+    def kill_requests(self) -> List[Tuple[int, int]]:
+        """Graceful kills the kernel asked for (pid, rule id), taken off the map."""
+        m = self.obj.maps["kill_requests"]
+        out = []
+        for k in list(m.keys()):
+            v = m.lookup(k)
+            m.delete(k)
+            if v is not None:
+                out.append((int.from_bytes(k, "little"), int.from_bytes(v, "little")))
+        return out
 
+    def scope_members(self) -> List[int]:
+        """Live processes the scope map tracks (the command's tree, --pid trees)."""
+        return reaper.members((int.from_bytes(k, "little") for k in self.obj.maps["scope_pids"].keys()),
+                              exclude=(os.getpid(),))
+
+    # ------------------------------------------------------------ run
     def _handle_signal(self, signum, _frame) -> None:
         self._stop = True
         if self._child:
@@ -293,52 +285,33 @@ class Monitor:
             except ProcessLookupError:
                 pass
 
+    def _now(self) -> str:
+        return self.decoder.timestamp(time.monotonic_ns())
+
     def _emit(self, data: bytes) -> None:
-        ev = self.decoder.decode(data)
-        self._write(ev)
-        if ev.get("action") == "kill_graceful":
-            self._start_graceful_kill(ev)
+        self._write(self.decoder.decode(data))
 
-    def _start_graceful_kill(self, ev: dict) -> None:
-        pid = ev["pid"]
-        if pid in self._kills:
-            return
-        try:
-            pidfd = os.pidfd_open(pid)  # holds the process: a recycled pid is never signalled
-            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-        except (OSError, AttributeError) as e:
-            log.warning("graceful kill failed", pid=pid, error=str(e))
-            return
-        grace = self.plan.kill_graceful.get(ev["rule_id"], 3000) / 1000.0 if self.plan else 3.0
-        self._kills[pid] = (pidfd, time.monotonic() + grace, ev["rule"])
-        self._write(self._kill_event(ev, pid, "SIGTERM"))
-
-    def _kill_event(self, ev: dict, pid: int, sig: str) -> dict:
-        return {"type": "process_killed", "ts": self.decoder.timestamp(time.monotonic_ns()), "pid": pid,
-                "comm": ev.get("comm", ""), "signal": sig, "rule": ev.get("rule", "")}
-
-    def _reap_graceful_kills(self) -> None:
-        now = time.monotonic()
-        for pid, (pidfd, deadline, rule) in list(self._kills.items()):
-            if now < deadline:
-                continue
-            del self._kills[pid]
-            try:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                self._write(self._kill_event({"rule": rule}, pid, "SIGKILL"))
-            except ProcessLookupError:
-                pass  # it obeyed SIGTERM in time
-            finally:
-                os.close(pidfd)
+    def _start_graceful_kills(self) -> None:
+        for pid, rule_id in self.kill_requests():
+            grace = self.plan.kill_graceful.get(rule_id, 3000) / 1000.0 if self.plan else 3.0
+            self._graceful.start(pid, self.decoder.rule_names.get(rule_id, str(rule_id)), grace)
 
     def _write(self, ev: dict) -> None:
         self.summary.counts[ev["type"]] += 1
         if self.on_event is not None:
             self.on_event(ev)
         if self._out is not None:
-            self._out.write((events.to_json(ev) if self.opts.fmt == "json" else events.to_text(ev)) + "\n")
+            self._out.write(events.to_json(ev) if self.opts.fmt == "json" else events.to_text(ev))
 
-    def run(self, out: Optional[TextIO] = None) -> int:
+    def _tick(self, rb: RingBuffer) -> None:
+        """One turn of the event loop: events, kill requests, pending output."""
+        rb.poll(100)
+        self._start_graceful_kills()
+        self._graceful.reap()
+        if self._out is not None:
+            self._out.flush(0.05)
+
+    def run(self, out: Optional[output.EventWriter] = None) -> int:
         """Loads, scopes, runs; returns the exit code (the command's status when there is one)."""
         opts = self.opts
         if not (opts.scope.pids or opts.scope.cgroup or opts.scope.all or opts.command):
@@ -350,32 +323,33 @@ class Monitor:
         cgroup_id = self.resolve_cgroup()
         self.load()
         self._out = out
+        self._graceful = reaper.GracefulKills(self._write, self._now)
         start = time.monotonic()
         old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        rb = None
+        rb = watchdog = None
+        status = None
+        clean = False
         try:
             self.configure(cgroup_id)
+            rb = RingBuffer(self.obj.maps["events"], self._emit)
+            # Fork tracking first, then the scan: a child forked during the scan is caught by
+            # one or the other.
+            self.obj.attach()
             for pid in opts.scope.pids:
                 self.add_pid(pid)
             for _ in range(2):  # a second pass catches children forked during the first
                 for pid in opts.scope.pids:
                     for d in descendants(pid):
                         self.add_pid(d)
-            rb = RingBuffer(self.obj.maps["events"], self._emit)
-            self.obj.attach()
             log.info("monitoring", pid=os.getpid(), scope=attrs.asdict(opts.scope),
                      enforcer=self.backend.name if self.backend else None)
             if opts.command:
-                self._child = self._spawn(opts.command)
+                watchdog = reaper.Watchdog(self.scope_members)
+                self._child = spawn.spawn_in_scope(opts.command, self.add_pid)
             deadline = start + opts.duration if opts.duration else None
-            status = None
             stop_at = None
             while True:
-                rb.poll(100)
-                if self._kills:
-                    self._reap_graceful_kills()
-                if out is not None:
-                    out.flush()
+                self._tick(rb)
                 if self._child:
                     pid, wstatus = os.waitpid(self._child, os.WNOHANG)
                     if pid:
@@ -392,14 +366,21 @@ class Monitor:
                         break
                     # --duration bounds the command too: stop it as a signal would
                     self._handle_signal(signal.SIGTERM, None)
+            if opts.command:
+                self._end_scope(rb)
+            clean = True
             rb.consume()
             self.summary.exit_status = status
             return status if status is not None else 0
-        except BrokenPipeError:
-            # the reader went away (e.g. `| head`): stop quietly, like other CLI tools
-            sys.stdout = open(os.devnull, "w")
-            return 0
         finally:
+            if opts.command and not clean and self.obj is not None:
+                # A fatal error takes the same way out: nothing of the scope outlives enforcement.
+                try:
+                    reaper.ScopeEnd(self.scope_members, self._write, self._now, 0).kill_all(self.scope_members())
+                except Exception as e:  # noqa: BLE001  the original error matters more
+                    log.error("could not end the scope", error=str(e))
+            if watchdog is not None:
+                watchdog.stand_down()
             for s, h in old.items():
                 signal.signal(s, h)
             self.summary.duration_s = time.monotonic() - start
@@ -410,3 +391,15 @@ class Monitor:
             if rb is not None:
                 rb.close()
             self.obj.close()
+
+    def _end_scope(self, rb: RingBuffer) -> None:
+        """The command has exited: wait for what is left in its scope (--wait-all), or end it."""
+        if self.opts.wait_all:
+            while self.scope_members():
+                self._tick(rb)
+            return
+        end = reaper.ScopeEnd(self.scope_members, self._write, self._now, self.opts.scope_grace)
+        end.start()
+        while not end.step():
+            self._tick(rb)
+        self.summary.scope_survivors = end.survivors

@@ -162,3 +162,30 @@ def test_one_rules_exception_never_lifts_another_rules_deny():
     # (/l/d/pub/ok is below rule 2's own exception /l/d/pub); file rules never touch exec rules.
     assert got == [("file_deny", "/l/d/keep", 1), ("file_deny_dirs", "/l/d/pub", 1)]
     assert len(notes) == 2 and all("is an exception of rule r2 only" in n for n in notes)
+
+
+def test_the_allow_list_catch_all_judges_execve_but_not_mappings(tmp_path):
+    """deny / (all of it) except some programs: the shared libraries those programs map are in no
+    list, so the catch-all's entries carry the flag that keeps mmap/mprotect out of it."""
+    (tmp_path / "tools").mkdir()
+    pol = policy("    - id: allow-list\n      type: proc_exec\n      match:\n        path_globs: ['/**']\n"
+                 f"        not: {{ path_globs: ['{tmp_path}/tools/**'] }}\n      action: deny\n"
+                 f"    - id: narrow\n      type: proc_exec\n      match: {{ path_globs: ['{tmp_path}/**'] }}\n"
+                 "      action: deny\n")
+
+    class FakeMap:
+        def __init__(self):
+            self.items = []
+
+        def update_many(self, items):
+            self.items += items
+
+    maps = {name: FakeMap() for name in ("exec_deny_dirs", "exec_allow_dirs", "subtree_devs", "exec_deny",
+                                          "exec_allow")}
+    enforce.apply(enforce.plan(pol), maps)
+    refs = {}
+    for k, v in maps["exec_deny_dirs"].items:
+        key, ref = abi.InodeKey.from_buffer_copy(k), abi.RuleRef.from_buffer_copy(v)
+        refs[key.ino] = (ref.rule_id, ref.action)
+    assert refs[os.stat("/").st_ino] == (1, int(abi.Action.DENY) | abi.ACT_FLAG_NOT_MAPS)
+    assert refs[os.stat(tmp_path).st_ino] == (2, int(abi.Action.DENY))  # narrower rules judge mappings too

@@ -52,6 +52,57 @@ int BPF_PROG(fmod_bprm_check, struct linux_binprm *bprm, int ret)
 	return decide_bprm_check(bprm, ret);
 }
 
+ENFORCE_LSM(mmap_file)
+int BPF_PROG(lsm_mmap_file, struct file *file, unsigned long reqprot, unsigned long prot, unsigned long flags,
+	     int ret)
+{
+	return decide_map_exec(file, prot, ret);
+}
+
+ENFORCE_FMOD(mmap_file)
+int BPF_PROG(fmod_mmap_file, struct file *file, unsigned long prot, unsigned long flags, int ret)
+{
+	return decide_map_exec(file, prot, ret);
+}
+
+ENFORCE_LSM(file_mprotect)
+int BPF_PROG(lsm_file_mprotect, struct vm_area_struct *vma, unsigned long reqprot, unsigned long prot, int ret)
+{
+	return decide_map_exec(BPF_CORE_READ(vma, vm_file), prot, ret);
+}
+
+ENFORCE_FMOD(file_mprotect)
+int BPF_PROG(fmod_file_mprotect, struct vm_area_struct *vma, unsigned long reqprot, unsigned long prot, int ret)
+{
+	return decide_map_exec(BPF_CORE_READ(vma, vm_file), prot, ret);
+}
+
+ENFORCE_LSM(inode_rename)
+int BPF_PROG(lsm_inode_rename, struct inode *old_dir, struct dentry *old_dentry, struct inode *new_dir,
+	     struct dentry *new_dentry, int ret)
+{
+	return decide_rename(old_dentry, new_dentry, 0, ret);
+}
+
+ENFORCE_FMOD(inode_rename)
+int BPF_PROG(fmod_inode_rename, struct inode *old_dir, struct dentry *old_dentry, struct inode *new_dir,
+	     struct dentry *new_dentry, unsigned int flags, int ret)
+{
+	return decide_rename(old_dentry, new_dentry, flags, ret);
+}
+
+ENFORCE_LSM(inode_link)
+int BPF_PROG(lsm_inode_link, struct dentry *old_dentry, struct inode *dir, struct dentry *new_dentry, int ret)
+{
+	return decide_link(old_dentry, new_dentry, ret);
+}
+
+ENFORCE_FMOD(inode_link)
+int BPF_PROG(fmod_inode_link, struct dentry *old_dentry, struct inode *dir, struct dentry *new_dentry, int ret)
+{
+	return decide_link(old_dentry, new_dentry, ret);
+}
+
 ENFORCE_LSM(socket_connect)
 int BPF_PROG(lsm_socket_connect, struct socket *sock, struct sockaddr *address, int addrlen, int ret)
 {
@@ -74,4 +125,16 @@ ENFORCE_FMOD(socket_sendmsg)
 int BPF_PROG(fmod_socket_sendmsg, struct socket *sock, struct msghdr *msg, int size, int ret)
 {
 	return decide_socket_sendmsg(sock, msg, ret);
+}
+
+ENFORCE_LSM(socket_setsockopt)
+int BPF_PROG(lsm_socket_setsockopt, struct socket *sock, int level, int optname, int ret)
+{
+	return decide_socket_setsockopt(sock, level, optname, ret);
+}
+
+ENFORCE_FMOD(socket_setsockopt)
+int BPF_PROG(fmod_socket_setsockopt, struct socket *sock, int level, int optname, int ret)
+{
+	return decide_socket_setsockopt(sock, level, optname, ret);
 }

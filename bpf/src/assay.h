@@ -11,6 +11,8 @@
 /* Bounded walks: dentry ancestors (across mounts) and cgroup ancestors. */
 #define ASSAY_WALK_DEPTH 48
 #define ASSAY_CGROUP_DEPTH 32
+/* Graceful kills waiting for the monitor (kill_requests map). */
+#define ASSAY_KILL_REQUESTS 4096
 
 enum assay_event_type {
 	ASSAY_EV_EXEC = 1,
@@ -31,13 +33,19 @@ enum assay_action {
 	ASSAY_ACT_KILL_GRACEFUL = 5,
 };
 
+/* Or-ed into assay_rule_ref.action of an exec entry that judges execve but not executable
+ * mappings: the catch-all `/` subtree of an allow-list. */
+#define ASSAY_ACT_FLAG_NOT_MAPS 0x100
+
 /* Indexes of the per-CPU counters map. */
 enum assay_counter {
 	ASSAY_CNT_RINGBUF_DROP = 0,  /* ring buffer full: event lost */
 	ASSAY_CNT_SCOPE_FULL = 1,    /* scope_pids full: a child could not be tracked */
-	ASSAY_CNT_WALK_TRUNC = 2,    /* ancestor walk hit ASSAY_WALK_DEPTH */
+	ASSAY_CNT_WALK_TRUNC = 2,    /* ancestor walk hit ASSAY_WALK_DEPTH (denied where subtree rules live) */
 	ASSAY_CNT_PENDING_FULL = 3,  /* syscall enter/exit pairing map full */
-	ASSAY_CNT_MAX = 4,
+	ASSAY_CNT_KILL_FULL = 4,     /* kill_requests full: killed at once instead of gracefully */
+	ASSAY_CNT_DISCONNECTED = 5,  /* ancestor walk met a disconnected dentry */
+	ASSAY_CNT_MAX = 6,
 };
 
 enum assay_open_syscall {
@@ -51,6 +59,7 @@ enum assay_open_syscall {
 enum assay_net_op {
 	ASSAY_NET_OP_CONNECT = 0,
 	ASSAY_NET_OP_SENDMSG = 1,
+	ASSAY_NET_OP_SOURCE_ROUTE = 2,   /* an IPv6 routing header or IPv4 source route: refused */
 };
 
 struct assay_config {

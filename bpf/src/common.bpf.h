@@ -5,6 +5,7 @@
 
 #define EPERM 1
 #define SIGKILL 9
+#define AF_UNSPEC 0
 #define AF_INET 2
 #define AF_INET6 10
 #define SOCK_STREAM 1
@@ -47,15 +48,35 @@ static __always_inline bool wants(const struct assay_config *cfg, enum assay_eve
 	return cfg->event_mask & (1u << t);
 }
 
+/* Graceful kills the monitor must start: tgid -> rule id. A map the monitor polls, not the ring
+ * buffer, so a flood of events cannot lose a kill request. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, ASSAY_KILL_REQUESTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} kill_requests SEC(".maps");
+
 /* Applies a matched rule's action: returns the verdict (0 or -EPERM) for the hook. */
-static __always_inline int act(__u32 action)
+static __always_inline int act(__u32 action, __u32 rule_id)
 {
+	__u32 tgid;
+
 	switch (action) {
 	case ASSAY_ACT_LOG:
 	case ASSAY_ACT_ALERT:
 		return 0;
 	case ASSAY_ACT_KILL_IMMEDIATE:
 		bpf_send_signal(SIGKILL);
+		return -EPERM;
+	case ASSAY_ACT_KILL_GRACEFUL:
+		tgid = bpf_get_current_pid_tgid() >> 32;
+		/* No room for the request: kill now rather than let the process go on. */
+		if (bpf_map_update_elem(&kill_requests, &tgid, &rule_id, BPF_NOEXIST) &&
+		    !bpf_map_lookup_elem(&kill_requests, &tgid)) {
+			count(ASSAY_CNT_KILL_FULL);
+			bpf_send_signal(SIGKILL);
+		}
 		return -EPERM;
 	default:
 		return -EPERM;

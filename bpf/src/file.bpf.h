@@ -123,7 +123,9 @@ static __always_inline __u32 new_encode_dev(__u32 s_dev)
  */
 #define PACK(r, depth) (((__u64)(r)->rule_id << 32) | ((__u64)(depth) << 16) | ((r)->action & 0xffff))
 #define MATCH_DEPTH(m) (((m) >> 16) & 0xffff)
-#define MATCH_ACTION(m) ((__u32)(m) & 0xffff)
+#define MATCH_ACTION(m) ((__u32)(m) & 0xff)
+/* An entry that judges execve but not mappings (the root catch-all of an allow-list, see exec.bpf.h). */
+#define MATCH_NOT_MAPS(m) ((m) & ASSAY_ACT_FLAG_NOT_MAPS)
 
 /* The seed's lookup order: (dev_new, gen), (dev_old, gen), (dev_new, 0), (dev_old, 0). */
 static __always_inline __u64 lookup_inode(void *map, struct inode *inode, __u32 depth)
@@ -155,21 +157,70 @@ static __always_inline struct mount *real_mount(struct vfsmount *m)
 	return (struct mount *)((void *)m - bpf_core_field_offset(struct mount, mnt));
 }
 
+/* Filesystems (both dev encodings) that hold a subtree deny rule: there, a walk that cannot
+ * prove a file lies outside every subtree denies. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, __u32);
+} subtree_devs SEC(".maps");
+
+/* No rule matched, but the walk could not finish (too deep, or a disconnected dentry such as
+ * open_by_handle_at returns on a cold cache): rule id 0, deny, and farther than any real entry,
+ * so only an exception actually found on the way lifts it. */
+#define UNPROVABLE ((0xfff0ULL << 16) | ASSAY_ACT_DENY)
+
+static __always_inline __u64 unprovable(struct dentry *d, __u32 counter)
+{
+	__u32 dev = BPF_CORE_READ(d, d_sb, s_dev);
+	__u32 dev_new = new_encode_dev(dev);
+
+	if (!bpf_map_lookup_elem(&subtree_devs, &dev) && !bpf_map_lookup_elem(&subtree_devs, &dev_new))
+		return 0;
+	count(counter);
+	return UNPROVABLE;
+}
+
+/* The process's root directory, for files outside its mount tree. */
+static __always_inline __u64 lookup_task_root(void *map, __u32 depth)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+
+	return lookup_inode(map, BPF_CORE_READ(task, fs, root.dentry, d_inode), depth);
+}
+
 /*
  * Walks the ancestors of a dentry: first inside its filesystem through d_parent (so a bind mount
- * of a subdirectory still reaches the protected directory), then across mount points.
+ * of a subdirectory still reaches the protected directory), then across mount points. With no
+ * mount (rename and link: both ends are in one mount) it stops at the filesystem's root.
+ * A file outside the process's mount tree (a memfd, a pipe: pseudo files whose dentry is its own
+ * parent, or any internal mount) counts as below the process's root directory, so a subtree
+ * rule on "/" covers it. fail_closed: deny maps only.
  */
-static __always_inline __u64 lookup_ancestors(void *map, struct dentry *d, struct vfsmount *vmnt)
+static __always_inline __u64 lookup_ancestors(void *map, struct dentry *d, struct vfsmount *vmnt, bool fail_closed)
 {
-	struct mount *mnt = real_mount(vmnt);
+	struct mount *mnt = vmnt ? real_mount(vmnt) : NULL;
 	__u64 r;
 
 	for (int i = 0; i < ASSAY_WALK_DEPTH; i++) {
 		struct dentry *parent = BPF_CORE_READ(d, d_parent);
 		if (parent == d) {
-			struct mount *up = BPF_CORE_READ(mnt, mnt_parent);
-			if (up == mnt)
+			if (d != BPF_CORE_READ(d, d_sb, s_root)) {
+				/* disconnected (open_by_handle_at) or a pseudo file */
+				if (fail_closed && (r = unprovable(d, ASSAY_CNT_DISCONNECTED)))
+					return r;
+				return lookup_task_root(map, i + 1);
+			}
+			if (!mnt)
 				return 0;
+			struct mount *up = BPF_CORE_READ(mnt, mnt_parent);
+			if (up == mnt) {
+				struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+				if (&mnt->mnt == BPF_CORE_READ(task, fs, root.mnt))
+					return 0;
+				return lookup_task_root(map, i + 1);
+			}
 			d = BPF_CORE_READ(mnt, mnt_mountpoint);
 			mnt = up;
 			continue;
@@ -178,28 +229,29 @@ static __always_inline __u64 lookup_ancestors(void *map, struct dentry *d, struc
 		if ((r = lookup_inode(map, BPF_CORE_READ(d, d_inode), i + 1)))
 			return r;
 	}
-	count(ASSAY_CNT_WALK_TRUNC);
-	return 0;
+	return fail_closed ? unprovable(d, ASSAY_CNT_WALK_TRUNC) : 0;
 }
 
-#define INODE_LOOKUPS(map)                                                                  \
+/* Global functions (see above): the deny maps' walks fail closed, the exception maps' do not. */
+#define INODE_LOOKUPS(map, fail_closed)                                                     \
 	__noinline __u64 assay_lookup_##map(__u64 inode)                                    \
 	{                                                                                   \
 		return lookup_inode(&map, (struct inode *)inode, 0);                        \
 	}                                                                                   \
 	__noinline __u64 assay_ancestors_##map(__u64 dentry, __u64 vfsmount)               \
 	{                                                                                   \
-		return lookup_ancestors(&map, (struct dentry *)dentry, (struct vfsmount *)vfsmount); \
+		return lookup_ancestors(&map, (struct dentry *)dentry, (struct vfsmount *)vfsmount, \
+					fail_closed);                                       \
 	}
 
-INODE_LOOKUPS(file_deny)
-INODE_LOOKUPS(file_allow)
-INODE_LOOKUPS(file_deny_dirs)
-INODE_LOOKUPS(file_allow_dirs)
-INODE_LOOKUPS(exec_deny)
-INODE_LOOKUPS(exec_allow)
-INODE_LOOKUPS(exec_deny_dirs)
-INODE_LOOKUPS(exec_allow_dirs)
+INODE_LOOKUPS(file_deny, true)
+INODE_LOOKUPS(file_allow, false)
+INODE_LOOKUPS(file_deny_dirs, true)
+INODE_LOOKUPS(file_allow_dirs, false)
+INODE_LOOKUPS(exec_deny, true)
+INODE_LOOKUPS(exec_allow, false)
+INODE_LOOKUPS(exec_deny_dirs, true)
+INODE_LOOKUPS(exec_allow_dirs, false)
 
 /* Writes the path, as d_path would show it, right-aligned into the decisions' scratch slot; returns
  * its start offset there. */
@@ -221,6 +273,8 @@ __noinline __u32 assay_resolve_path(__u64 dentry, __u64 vfsmount)
 		struct dentry *parent = BPF_CORE_READ(d, d_parent);
 		struct dentry *root = BPF_CORE_READ(mnt, mnt.mnt_root);
 		if (d == root || d == parent) {
+			if (!vfsmount)
+				break; /* a rename or link: the path within its filesystem */
 			struct mount *up = BPF_CORE_READ(mnt, mnt_parent);
 			if (up == mnt)
 				break;
@@ -266,7 +320,7 @@ static __always_inline void emit_block(enum assay_event_type type, __u64 rule, s
 }
 
 /* The inode-identity decision shared by file and exec rules. */
-#define CHECK_INODE(cfg_rules, prefix, file, type)                                                  \
+#define CHECK_INODE(cfg_rules, prefix, file, type, skip)                                                \
 	({                                                                                          \
 		struct inode *inode_ = BPF_CORE_READ(file, f_inode);                                \
 		struct dentry *d_ = BPF_CORE_READ(file, f_path.dentry);                             \
@@ -278,6 +332,8 @@ static __always_inline void emit_block(enum assay_event_type type, __u64 rule, s
 			rule_ = assay_lookup_##prefix##_deny((__u64)inode_);                        \
 		if (!rule_ && (rules_ & ASSAY_RULES_DENY_DIRS))                                     \
 			rule_ = assay_ancestors_##prefix##_deny_dirs((__u64)d_, (__u64)mnt_);        \
+		if (rule_ & (skip))                                                                  \
+			rule_ = 0;                                                                  \
 		/* The most specific entry wins: an exception closer to the file than the deny   \
 		 * lifts it; at the same distance the deny stays. */                              \
 		if (rule_ && MATCH_DEPTH(rule_) && (rules_ & ASSAY_RULES_ALLOW) &&                  \
@@ -290,7 +346,7 @@ static __always_inline void emit_block(enum assay_event_type type, __u64 rule, s
 		}                                                                                   \
 		if (rule_) {                                                                        \
 			emit_block(type, rule_, inode_, d_, mnt_);                                  \
-			verdict_ = act(MATCH_ACTION(rule_));                                        \
+			verdict_ = act(MATCH_ACTION(rule_), rule_ >> 32);                          \
 		}                                                                                   \
 		verdict_;                                                                           \
 	})
@@ -309,7 +365,94 @@ static __always_inline int decide_file_open(struct file *file, int ret)
 	 * business: file rules govern what a process opens, not what it runs. */
 	if ((BPF_CORE_READ(file, f_flags) & __FMODE_EXEC) || (BPF_CORE_READ(file, f_mode) & FMODE_EXEC))
 		return 0;
-	return CHECK_INODE(cfg->file_rules, file, file, ASSAY_EV_FILE_BLOCKED);
+	return CHECK_INODE(cfg->file_rules, file, file, ASSAY_EV_FILE_BLOCKED, 0);
+}
+
+/* ---------------------------------------------------------------- moves out of a subtree */
+
+/* The subtree rule (a packed match, 0 for none) that governs a dentry's place, walked inside its
+ * filesystem only: rename and link never leave one mount, so what lies above it is the same for
+ * both ends of a move. */
+#define SUBTREE_RULE(rules, prefix, dentry)                                                        \
+	({                                                                                         \
+		__u64 r_ = 0;                                                                      \
+		if ((rules) & ASSAY_RULES_DENY_DIRS)                                               \
+			r_ = assay_ancestors_##prefix##_deny_dirs((__u64)(dentry), 0);              \
+		if (r_ && ((rules) & ASSAY_RULES_ALLOW_DIRS)) {                                     \
+			__u64 a_ = assay_ancestors_##prefix##_allow_dirs((__u64)(dentry), 0);       \
+			if (a_ && MATCH_DEPTH(a_) < MATCH_DEPTH(r_))                                \
+				r_ = 0;                                                            \
+		}                                                                                  \
+		r_;                                                                                \
+	})
+
+/* A protected inode may move (rename) or gain a name (link) only inside its own rule's subtree:
+ * anywhere else, or into an exception, its rule would no longer see it. */
+#define GUARD_MOVE(rules, prefix, src, dst, type)                                                  \
+	({                                                                                         \
+		int v_ = 0;                                                                        \
+		struct inode *inode_ = BPF_CORE_READ(src, d_inode);                               \
+		__u64 r_ = SUBTREE_RULE(rules, prefix, src);                                       \
+		if (r_ && ((rules) & ASSAY_RULES_ALLOW) && assay_lookup_##prefix##_allow((__u64)inode_)) \
+			r_ = 0; /* excepted where it is: not protected, free to go */              \
+		if (r_ && (SUBTREE_RULE(rules, prefix, dst) >> 32) != (r_ >> 32)) {              \
+			emit_block(type, r_, inode_, src, 0);                                       \
+			v_ = act(MATCH_ACTION(r_), r_ >> 32);                                      \
+		}                                                                                  \
+		v_;                                                                                \
+	})
+
+/* The global walks take plain numbers: a pointer the hook received typed (BTF) is passed as one
+ * only after a copy through a probe read, which the verifier knows as a scalar. */
+static __always_inline struct dentry *untyped(struct dentry *p)
+{
+	__u64 v = 0;
+
+	bpf_probe_read_kernel(&v, sizeof(v), &p);
+	return (struct dentry *)v;
+}
+
+static __always_inline int guard_move(struct assay_config *cfg, struct dentry *src_typed, struct dentry *dst_typed)
+{
+	struct dentry *src = untyped(src_typed), *dst = untyped(dst_typed);
+	int v = 0;
+
+	if (cfg->file_rules & ASSAY_RULES_DENY_DIRS)
+		v = GUARD_MOVE(cfg->file_rules, file, src, dst, ASSAY_EV_FILE_BLOCKED);
+	if (!v && (cfg->exec_rules & ASSAY_RULES_DENY_DIRS))
+		v = GUARD_MOVE(cfg->exec_rules, exec, src, dst, ASSAY_EV_EXEC_BLOCKED);
+	return v;
+}
+
+#define RENAME_EXCHANGE 2
+
+/* inode_rename (lsm/inode_rename, fmod_ret/security_inode_rename). The LSM hook runs once per
+ * direction of a RENAME_EXCHANGE; security_inode_rename once, with the flag. */
+static __always_inline int decide_rename(struct dentry *old, struct dentry *new, __u32 flags, int ret)
+{
+	struct assay_config *cfg = get_config();
+	int v;
+
+	if (ret || !cfg || !cfg->enforce || !((cfg->file_rules | cfg->exec_rules) & ASSAY_RULES_DENY_DIRS))
+		return ret;
+	if (!in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
+		return 0;
+	v = guard_move(cfg, old, new);
+	if (!v && (flags & RENAME_EXCHANGE))
+		v = guard_move(cfg, new, old);
+	return v;
+}
+
+/* inode_link (lsm/inode_link, fmod_ret/security_inode_link): a hard link is a second place. */
+static __always_inline int decide_link(struct dentry *old, struct dentry *new, int ret)
+{
+	struct assay_config *cfg = get_config();
+
+	if (ret || !cfg || !cfg->enforce || !((cfg->file_rules | cfg->exec_rules) & ASSAY_RULES_DENY_DIRS))
+		return ret;
+	if (!in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
+		return 0;
+	return guard_move(cfg, old, new);
 }
 
 #endif /* __ASSAY_FILE_BPF_H */

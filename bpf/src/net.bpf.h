@@ -215,7 +215,8 @@ static __always_inline void emit_net_block(struct assay_port_range *r, __u16 fam
 	emit(&ev, sizeof(ev));
 }
 
-/* The net rules' verdict on one destination (a kernel copy of the caller's sockaddr). */
+/* The net rules' verdict on one destination (a kernel copy of the caller's sockaddr), judged as
+ * the kernel will use it. */
 static __always_inline int judge_net(struct assay_config *cfg, struct socket *sock, struct sockaddr *address,
 				     __u16 op)
 {
@@ -227,6 +228,11 @@ static __always_inline int judge_net(struct assay_config *cfg, struct socket *so
 	__u16 port;
 	bool v4;
 
+	/* The inet send paths (udp_sendmsg, raw_sendmsg, rawv6_sendmsg) take a destination whose
+	 * family is AF_UNSPEC as one of the socket's own family. (For connect(2), AF_UNSPEC means
+	 * disconnect: nothing to judge.) */
+	if (family == AF_UNSPEC && op == ASSAY_NET_OP_SENDMSG)
+		family = BPF_CORE_READ(sock, sk, __sk_common.skc_family);
 	if (family == AF_INET) {
 		struct sockaddr_in *sin = (struct sockaddr_in *)address;
 		port = __builtin_bswap16(BPF_CORE_READ(sin, sin_port));
@@ -246,6 +252,22 @@ static __always_inline int judge_net(struct assay_config *cfg, struct socket *so
 		return 0;
 	}
 
+	/* A wildcard destination (0.0.0.0, ::, ::ffff:0.0.0.0) reaches this very host: the socket's
+	 * bound address, or loopback (ip_route_output_key_hash_rcu, tcp_v6_connect). */
+	if (v4 && !k4.addr[0] && !k4.addr[1] && !k4.addr[2] && !k4.addr[3]) {
+		__u32 bound = BPF_CORE_READ(sock, sk, __sk_common.skc_rcv_saddr);
+		if (bound)
+			__builtin_memcpy(k4.addr, &bound, 4);
+		else
+			k4.addr[0] = 127, k4.addr[3] = 1;
+	} else if (!v4) {
+		__u64 hi = 0, lo = 0;
+		__builtin_memcpy(&hi, k6.addr, 8);
+		__builtin_memcpy(&lo, &k6.addr[8], 8);
+		if (!hi && !lo)
+			k6.addr[15] = 1;
+	}
+
 	if (v4) {
 		if (cfg->net_rules & ASSAY_NET_DENY4)
 			deny = net_verdict(bpf_map_lookup_elem(&net_deny4, &k4),
@@ -263,7 +285,74 @@ static __always_inline int judge_net(struct assay_config *cfg, struct socket *so
 		emit_net_block(deny, AF_INET, port, proto, op, k4.addr, 4);
 	else
 		emit_net_block(deny, AF_INET6, port, proto, op, k6.addr, 16);
-	return act(deny->action);
+	return act(deny->action, deny->rule_id);
+}
+
+/* ---------------------------------------------------------------- source routes
+ * An IPv6 routing header (IPV6_RTHDR) or an IPv4 source route (IP_OPTIONS with LSRR/SSRR) makes
+ * the first hop an address that no rule judges. Where net rules of that family exist, processes
+ * in the scope may not set one, by setsockopt or per message. */
+#define SOL_IP 0
+#define SOL_IPV6 41
+#define IP_OPTIONS 4
+#define IP_RETOPTS 7
+#define IPV6_2292RTHDR 5
+#define IPV6_RTHDR 57
+#define ASSAY_CMSG_MAX 8
+
+static __always_inline bool is_source_route(struct assay_config *cfg, int level, int optname)
+{
+	if (level == SOL_IPV6)
+		return (cfg->net_rules & (ASSAY_NET_DENY6 | ASSAY_NET_DENY4)) &&
+		       (optname == IPV6_RTHDR || optname == IPV6_2292RTHDR);
+	if (level == SOL_IP)
+		return (cfg->net_rules & ASSAY_NET_DENY4) && (optname == IP_OPTIONS || optname == IP_RETOPTS);
+	return false;
+}
+
+/* The control messages of a sendmsg (a kernel copy by the time the hook runs). */
+static __always_inline bool cmsg_source_route(struct assay_config *cfg, struct msghdr *msg)
+{
+	__u64 len = BPF_CORE_READ(msg, msg_controllen);
+	char *ctl = BPF_CORE_READ(msg, msg_control);
+	__u64 off = 0;
+
+	if (!ctl || len < sizeof(struct cmsghdr))
+		return false;
+	for (int i = 0; i < ASSAY_CMSG_MAX; i++) {
+		struct cmsghdr h = {};
+		if (off + sizeof(h) > len || bpf_probe_read_kernel(&h, sizeof(h), ctl + off))
+			return false;
+		if (is_source_route(cfg, h.cmsg_level, h.cmsg_type))
+			return true;
+		if (h.cmsg_len < sizeof(h))
+			return false;
+		off += (h.cmsg_len + sizeof(long) - 1) & ~(sizeof(long) - 1);
+	}
+	/* more control messages than the walk reads: fail closed */
+	return true;
+}
+
+static __always_inline int refuse_source_route(struct socket *sock)
+{
+	struct assay_port_range builtin = {.rule_id = 0, .action = ASSAY_ACT_DENY};
+	__u8 none[16] = {};
+
+	emit_net_block(&builtin, BPF_CORE_READ(sock, sk, __sk_common.skc_family), 0,
+		       BPF_CORE_READ(sock, sk, sk_protocol), ASSAY_NET_OP_SOURCE_ROUTE, none, 16);
+	return -EPERM;
+}
+
+/* setsockopt(IPV6_RTHDR / IP_OPTIONS) (lsm/socket_setsockopt, fmod_ret/security_socket_setsockopt). */
+static __always_inline int decide_socket_setsockopt(struct socket *sock, int level, int optname, int ret)
+{
+	struct assay_config *cfg = get_config();
+
+	if (ret || !cfg || !cfg->enforce || !cfg->net_rules)
+		return ret;
+	if (!is_source_route(cfg, level, optname) || !in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
+		return 0;
+	return refuse_source_route(sock);
 }
 
 /* The socket_connect decision (lsm/socket_connect, fmod_ret/security_socket_connect). */
@@ -288,13 +377,22 @@ static __always_inline int decide_socket_sendmsg(struct socket *sock, struct msg
 	if (ret || !cfg || !cfg->enforce || !cfg->net_rules)
 		return ret;
 	struct sockaddr *address = BPF_CORE_READ(msg, msg_name);
-	if (!address || BPF_CORE_READ(msg, msg_namelen) < (int)sizeof(__u16))
-		return 0; /* no destination: the socket's peer, judged at connect */
-	/* A stream socket ignores the address, except to open a Fast Open connection. */
-	if (BPF_CORE_READ(sock, type) == SOCK_STREAM &&
-	    (!(BPF_CORE_READ(msg, msg_flags) & MSG_FASTOPEN) || BPF_CORE_READ(sock, state) != SS_UNCONNECTED))
+	if (!address || BPF_CORE_READ(msg, msg_namelen) < (int)sizeof(__u16)) {
+		/* no destination: the socket's peer, judged at connect; a source route still is not */
+		if (in_scope(cfg, bpf_get_current_pid_tgid() >> 32) && cmsg_source_route(cfg, msg))
+			return refuse_source_route(sock);
 		return 0;
+	}
 	if (!in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
+		return 0;
+	/* A source route sends to its first hop, an address no rule judges. */
+	if (cmsg_source_route(cfg, msg))
+		return refuse_source_route(sock);
+	/* A TCP (or MPTCP) stream ignores the address, except to open a Fast Open connection. Other
+	 * stream protocols (SCTP one-to-one) do use it, so they are judged. */
+	__u16 proto = BPF_CORE_READ(sock, sk, sk_protocol);
+	if (BPF_CORE_READ(sock, type) == SOCK_STREAM && (proto == IPPROTO_TCP || proto == IPPROTO_MPTCP) &&
+	    (!(BPF_CORE_READ(msg, msg_flags) & MSG_FASTOPEN) || BPF_CORE_READ(sock, state) != SS_UNCONNECTED))
 		return 0;
 	return judge_net(cfg, sock, address, ASSAY_NET_OP_SENDMSG);
 }

@@ -24,7 +24,8 @@ static __always_inline bool cgroup_in_subtree(__u64 target)
 		/* css "self" is the first member, so its parent pointer is the parent cgroup. */
 		cg = (struct cgroup *)BPF_CORE_READ(cg, self.parent);
 	}
-	return false;
+	/* Deeper than the walk: it cannot be shown outside the subtree, so it is in (fail closed). */
+	return true;
 }
 
 static __always_inline bool in_scope(const struct assay_config *cfg, __u32 tgid)
@@ -35,8 +36,15 @@ static __always_inline bool in_scope(const struct assay_config *cfg, __u32 tgid)
 		return true;
 	if (bpf_map_lookup_elem(&scope_pids, &tgid))
 		return true;
-	if (cfg->scope_cgroup)
-		return cgroup_in_subtree(cfg->cgroup_id);
+	if (cfg->scope_cgroup && cgroup_in_subtree(cfg->cgroup_id)) {
+		/* Seen in the subtree: it stays in scope, with every child it forks from now on, even
+		 * if it moves itself out. */
+		__u32 one = 1;
+		if (bpf_map_update_elem(&scope_pids, &tgid, &one, BPF_NOEXIST) &&
+		    !bpf_map_lookup_elem(&scope_pids, &tgid))
+			count(ASSAY_CNT_SCOPE_FULL);
+		return true;
+	}
 	return false;
 }
 
@@ -106,12 +114,14 @@ int assay_exit(void *ctx)
 	__u32 tgid = pid_tgid >> 32, tid = (__u32)pid_tgid;
 	struct assay_config *cfg = get_config();
 
-	if (tid != tgid) {
+	/* Only the last thread out ends the process: before that, its other threads stay in scope.
+	 * That thread need not be the leader (it may have left first with SYS_exit), so whichever
+	 * thread is last removes the process, or its entry would leak and fill the map. */
+	bool last = BPF_CORE_READ(task, signal, live.counter) == 0;
+
+	if (tid != tgid)
 		bpf_map_delete_elem(&scope_pids, &tid);
-		return 0;
-	}
-	/* Only the last thread out ends the process: before that, its other threads stay in scope. */
-	if (BPF_CORE_READ(task, signal, live.counter) != 0)
+	if (!last)
 		return 0;
 	bool scoped = cfg && in_scope(cfg, tgid);
 	bpf_map_delete_elem(&scope_pids, &tgid);

@@ -46,13 +46,13 @@ RULE_EVENTS = ("file_blocked", "exec_blocked", "net_blocked", "file_alert", "exe
 
 
 @pytest.fixture(autouse=True)
-def rule_events_name_the_rows_enforcer(request, tmp_path):
+def rule_events_name_the_rows_enforcer(request, tmp_path, expected_enforcer):
     """After every guest test: each rule event any monitor wrote below tmp_path names the backend
     this row must enforce with, so every enforcement test also proves which backend denied."""
     yield
     if not IN_GUEST:
         return
-    want = request.getfixturevalue("expected_enforcer")
+    want = expected_enforcer
     forced = request.node.get_closest_marker("enforcer")
     if forced:
         want = forced.args[0]

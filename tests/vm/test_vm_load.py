@@ -62,8 +62,10 @@ def test_every_program_of_a_backend_loads_and_attaches(name, expected_enforcer, 
         attached = {link.program.name for link in links}
         wanted = {p.name for p in obj.programs.values() if not enforcers.is_enforcing(p) or b.owns(p)}
         assert attached == wanted - ABSENT[os.uname().machine]
-        assert {obj.programs[n].section.split("/")[-1].replace("security_", "") for n in b.programs(obj)} == \
-            {"file_open", "bprm_check_security" if name == "lsm" else "bprm_check", "socket_connect", "socket_sendmsg"}
+        hooks = {"file_open", "bprm_check_security" if name == "lsm" else "bprm_check", "mmap_file",
+                 "file_mprotect", "inode_rename", "inode_link", "socket_connect", "socket_sendmsg",
+                 "socket_setsockopt"}
+        assert {obj.programs[n].section.split("/")[-1].replace("security_", "") for n in b.programs(obj)} == hooks
 
 
 @pytest.mark.parametrize("name", ["lsm", "fmod_ret"])
