@@ -32,13 +32,16 @@ class InodeId:
     gen: Optional[int]  # None: the filesystem has no generation ioctl (tmpfs, initramfs)
     is_dir: bool
 
+    def devs(self) -> Tuple[int, int]:
+        """st_dev in both encodings the kernel may compare with: new_encode_dev and major<<20|minor."""
+        major, minor = os.major(self.dev), os.minor(self.dev)
+        return self.dev & 0xFFFFFFFF, ((major << 20) | minor) & 0xFFFFFFFF
+
     def keys(self) -> List[bytes]:
         """Both dev encodings, with the generation and with the gen=0 fallback (seed section 3),
         packed as struct assay_inode_key."""
-        major, minor = os.major(self.dev), os.minor(self.dev)
-        devs = (self.dev & 0xFFFFFFFF, ((major << 20) | minor) & 0xFFFFFFFF)
         gens = (self.gen, 0) if self.gen else (0,)
-        return list(dict.fromkeys(_KEY.pack(self.ino, d, g) for g in gens for d in devs))
+        return list(dict.fromkeys(_KEY.pack(self.ino, d, g) for g in gens for d in self.devs()))
 
 
 def identify(path: str) -> InodeId:
@@ -145,11 +148,11 @@ def plan(policy, rule_types: Iterable[str] = ("file_open", "proc_exec")) -> Plan
         return Plan((), ("runtime_monitor.enabled is false: no rule is enforced",), {}, {})
     for index, rule in enumerate(policy.rules, start=1):
         names[index] = rule.id
+        action = rule_action(policy, rule)
+        if action is abi.Action.KILL_GRACEFUL:  # any rule type: net rules kill gracefully too
+            graceful[index] = policy.kill_switch.grace_period_ms
         if rule.type not in rule_types:
             continue
-        action = rule_action(policy, rule)
-        if action is abi.Action.KILL_GRACEFUL:
-            graceful[index] = policy.kill_switch.grace_period_ms
         for globs, kind in ((rule.paths, "deny"), (rule.not_paths, "allow")):
             for g in globs:
                 path, subtree = _resolve(policy, rule, g, notes)
@@ -232,12 +235,7 @@ def _map_flag(e) -> int:
 def subtree_devs(plan_: Plan) -> List[int]:
     """The filesystems holding a subtree deny, in both dev encodings: on them a walk that cannot
     finish (too deep, a disconnected dentry) denies."""
-    out = set()
-    for e in plan_.entries:
-        if e.map_name.endswith("_deny_dirs"):
-            major, minor = os.major(e.inode.dev), os.minor(e.inode.dev)
-            out.update({e.inode.dev & 0xFFFFFFFF, ((major << 20) | minor) & 0xFFFFFFFF})
-    return sorted(out)
+    return sorted({d for e in plan_.entries if e.map_name.endswith("_deny_dirs") for d in e.inode.devs()})
 
 
 # ---------------------------------------------------------------- net_connect rules

@@ -292,8 +292,10 @@ class Monitor:
         self._write(self.decoder.decode(data))
 
     def _start_graceful_kills(self) -> None:
+        if not (self.plan and self.plan.kill_graceful):
+            return  # no graceful trigger_kill rule: the kernel never writes a request
         for pid, rule_id in self.kill_requests():
-            grace = self.plan.kill_graceful.get(rule_id, 3000) / 1000.0 if self.plan else 3.0
+            grace = self.plan.kill_graceful.get(rule_id, 3000) / 1000.0
             self._graceful.start(pid, self.decoder.rule_names.get(rule_id, str(rule_id)), grace)
 
     def _write(self, ev: dict) -> None:

@@ -117,10 +117,10 @@ class ScopeEnd:
 
     def start(self) -> None:
         self.deadline = time.monotonic() + self.grace_s
-        self._term_new()
+        self._term_new(self._list())
 
-    def _term_new(self) -> None:
-        for pid in self._list():
+    def _term_new(self, left: List[int]) -> None:
+        for pid in left:
             if pid in self._termed:
                 continue
             fd = _pidfd(pid)
@@ -135,11 +135,11 @@ class ScopeEnd:
 
     def step(self) -> bool:
         """Called from the event loop; True once the scope is empty."""
-        self._term_new()
         left = self._list()
         if not left:
             self._close()
             return True
+        self._term_new(left)  # children forked since the last step
         if time.monotonic() < self.deadline:
             return False
         self.kill_all(left)

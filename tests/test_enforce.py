@@ -189,3 +189,12 @@ def test_the_allow_list_catch_all_judges_execve_but_not_mappings(tmp_path):
         refs[key.ino] = (ref.rule_id, ref.action)
     assert refs[os.stat("/").st_ino] == (1, int(abi.Action.DENY) | abi.ACT_FLAG_NOT_MAPS)
     assert refs[os.stat(tmp_path).st_ino] == (2, int(abi.Action.DENY))  # narrower rules judge mappings too
+
+
+def test_graceful_kill_grace_is_known_for_net_rules_too():
+    pol = parse_policy(
+        'version: "2.0"\nname: t\nruntime_monitor:\n  enabled: true\n  rules:\n'
+        "    - id: no-ssh\n      type: net_connect\n      match: { dest_globs: ['22'] }\n      action: trigger_kill\n"
+        "kill_switch: { enabled: true, mode: graceful, grace_period_ms: 700, triggers: [ { on_rule: no-ssh } ] }\n",
+        "p.yaml")
+    assert enforce.plan(pol).kill_graceful == {1: 700}

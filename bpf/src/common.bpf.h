@@ -36,6 +36,15 @@ static __always_inline struct assay_config *get_config(void)
 	return bpf_map_lookup_elem(&assay_config, &zero);
 }
 
+/* The config when the decisions must act, NULL otherwise: enforcement is on and `bits`, an
+ * expression over the config c_ (c_->file_rules, c_->net_rules, ...), is non-zero. The one guard
+ * every decision starts with. */
+#define ENFORCING(bits)                                                                   \
+	({                                                                                \
+		struct assay_config *c_ = get_config();                                   \
+		(c_ && c_->enforce && (bits)) ? c_ : NULL;                                 \
+	})
+
 static __always_inline void count(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&counters, &idx);

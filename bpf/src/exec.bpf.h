@@ -8,9 +8,9 @@
  * fmod_ret/security_bprm_check alike. */
 static __always_inline int decide_bprm_check(struct linux_binprm *bprm, int ret)
 {
-	struct assay_config *cfg = get_config();
+	struct assay_config *cfg;
 
-	if (ret || !cfg || !cfg->enforce || !cfg->exec_rules)
+	if (ret || !(cfg = ENFORCING(c_->exec_rules)))
 		return ret;
 	if (!in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
 		return 0;
@@ -28,9 +28,9 @@ static __always_inline int decide_bprm_check(struct linux_binprm *bprm, int ret)
  * personality counts here as the kernel will count it. */
 static __always_inline int decide_map_exec(struct file *file, unsigned long prot, int ret)
 {
-	struct assay_config *cfg = get_config();
+	struct assay_config *cfg;
 
-	if (ret || !cfg || !cfg->enforce || !cfg->exec_rules || !file)
+	if (ret || !file || !(cfg = ENFORCING(c_->exec_rules)))
 		return ret;
 	if (!(prot & PROT_EXEC)) {
 		struct task_struct *task = (struct task_struct *)bpf_get_current_task();

@@ -355,9 +355,9 @@ static __always_inline void emit_block(enum assay_event_type type, __u64 rule, s
  * ran before (an earlier LSM, or an earlier fmod_ret program): a denial stands. */
 static __always_inline int decide_file_open(struct file *file, int ret)
 {
-	struct assay_config *cfg = get_config();
+	struct assay_config *cfg;
 
-	if (ret || !cfg || !cfg->enforce || !cfg->file_rules)
+	if (ret || !(cfg = ENFORCING(c_->file_rules)))
 		return ret;
 	if (!in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
 		return 0;
@@ -430,10 +430,10 @@ static __always_inline int guard_move(struct assay_config *cfg, struct dentry *s
  * direction of a RENAME_EXCHANGE; security_inode_rename once, with the flag. */
 static __always_inline int decide_rename(struct dentry *old, struct dentry *new, __u32 flags, int ret)
 {
-	struct assay_config *cfg = get_config();
+	struct assay_config *cfg;
 	int v;
 
-	if (ret || !cfg || !cfg->enforce || !((cfg->file_rules | cfg->exec_rules) & ASSAY_RULES_DENY_DIRS))
+	if (ret || !(cfg = ENFORCING((c_->file_rules | c_->exec_rules) & ASSAY_RULES_DENY_DIRS)))
 		return ret;
 	if (!in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
 		return 0;
@@ -446,9 +446,9 @@ static __always_inline int decide_rename(struct dentry *old, struct dentry *new,
 /* inode_link (lsm/inode_link, fmod_ret/security_inode_link): a hard link is a second place. */
 static __always_inline int decide_link(struct dentry *old, struct dentry *new, int ret)
 {
-	struct assay_config *cfg = get_config();
+	struct assay_config *cfg;
 
-	if (ret || !cfg || !cfg->enforce || !((cfg->file_rules | cfg->exec_rules) & ASSAY_RULES_DENY_DIRS))
+	if (ret || !(cfg = ENFORCING((c_->file_rules | c_->exec_rules) & ASSAY_RULES_DENY_DIRS)))
 		return ret;
 	if (!in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
 		return 0;

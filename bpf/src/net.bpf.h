@@ -346,9 +346,9 @@ static __always_inline int refuse_source_route(struct socket *sock)
 /* setsockopt(IPV6_RTHDR / IP_OPTIONS) (lsm/socket_setsockopt, fmod_ret/security_socket_setsockopt). */
 static __always_inline int decide_socket_setsockopt(struct socket *sock, int level, int optname, int ret)
 {
-	struct assay_config *cfg = get_config();
+	struct assay_config *cfg;
 
-	if (ret || !cfg || !cfg->enforce || !cfg->net_rules)
+	if (ret || !(cfg = ENFORCING(c_->net_rules)))
 		return ret;
 	if (!is_source_route(cfg, level, optname) || !in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
 		return 0;
@@ -358,9 +358,9 @@ static __always_inline int decide_socket_setsockopt(struct socket *sock, int lev
 /* The socket_connect decision (lsm/socket_connect, fmod_ret/security_socket_connect). */
 static __always_inline int decide_socket_connect(struct socket *sock, struct sockaddr *address, int ret)
 {
-	struct assay_config *cfg = get_config();
+	struct assay_config *cfg;
 
-	if (ret || !cfg || !cfg->enforce || !cfg->net_rules)
+	if (ret || !(cfg = ENFORCING(c_->net_rules)))
 		return ret;
 	if (!in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
 		return 0;
@@ -372,9 +372,9 @@ static __always_inline int decide_socket_connect(struct socket *sock, struct soc
  * connect. Without this decision, an unconnected UDP socket would reach any denied address. */
 static __always_inline int decide_socket_sendmsg(struct socket *sock, struct msghdr *msg, int ret)
 {
-	struct assay_config *cfg = get_config();
+	struct assay_config *cfg;
 
-	if (ret || !cfg || !cfg->enforce || !cfg->net_rules)
+	if (ret || !(cfg = ENFORCING(c_->net_rules)))
 		return ret;
 	struct sockaddr *address = BPF_CORE_READ(msg, msg_name);
 	if (!address || BPF_CORE_READ(msg, msg_namelen) < (int)sizeof(__u16)) {
