@@ -15,6 +15,7 @@ KILL_REQUESTS = 4096
 ACT_FLAG_NOT_MAPS = 0x100   # assay.h ASSAY_ACT_FLAG_NOT_MAPS
 
 RULES_DENY, RULES_DENY_DIRS, RULES_ALLOW, RULES_ALLOW_DIRS = 1, 2, 4, 8
+RULES_DENY_NAMES = 16
 NET_DENY4, NET_DENY6, NET_ALLOW4, NET_ALLOW6 = 1, 2, 4, 8
 NET_RANGES = 8
 
@@ -48,7 +49,8 @@ class Counter(enum.IntEnum):
     PENDING_FULL = 3
     KILL_FULL = 4
     DISCONNECTED = 5
-    MAX = 6
+    SCOPE_FORK_DENIED = 6
+    MAX = 7
 
 
 class OpenSyscall(enum.IntEnum):
@@ -76,7 +78,7 @@ ENUMS = {
 class Config(ctypes.Structure):
     _fields_ = [("scope_all", u32), ("scope_cgroup", u32), ("cgroup_id", u64),
                 ("monitor_tgid", u32), ("event_mask", u32), ("enforce", u32), ("file_rules", u32),
-                ("exec_rules", u32), ("net_rules", u32)]
+                ("exec_rules", u32), ("net_rules", u32), ("scope_limit", u32), ("scope_user", s32)]
 
 
 class Lpm4Key(ctypes.Structure):
@@ -97,6 +99,10 @@ class NetValue(ctypes.Structure):
 
 class InodeKey(ctypes.Structure):
     _fields_ = [("ino", u64), ("dev", u32), ("gen", u32)]
+
+
+class NameKey(ctypes.Structure):
+    _fields_ = [("parent_ino", u64), ("parent_dev", u32), ("name_len", u32), ("name", ctypes.c_char * NAME_MAX)]
 
 
 class RuleRef(ctypes.Structure):
@@ -150,6 +156,7 @@ STRUCTS = {
     "assay_port_range": PortRange,
     "assay_net_value": NetValue,
     "assay_rule_ref": RuleRef,
+    "assay_name_key": NameKey,
     "assay_event_header": EventHeader,
     "assay_exec_event": ExecEvent,
     "assay_exit_event": ExitEvent,

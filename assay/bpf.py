@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import ctypes
+import errno
+import threading
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import structlog
@@ -51,6 +53,22 @@ class Link:
             self._ptr = None
 
 
+def destroy_all(links: List["Link"]) -> None:
+    """Detaches links side by side: closing a tracepoint's perf event waits for an RCU grace
+    period (~75 ms), and one after another those waits add up to seconds. ctypes drops the GIL
+    for the call, so the waits overlap."""
+    links = [l for l in links if l._ptr]
+    if len(links) < 2:
+        for link in links:
+            link.destroy()
+        return
+    threads = [threading.Thread(target=link.destroy, name="assay-detach") for link in links]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 class Program:
     def __init__(self, obj: "Object", ptr: int):
         lb = lib()
@@ -72,6 +90,16 @@ class Program:
     @property
     def fd(self) -> int:
         return lib().bpf_program__fd(self._ptr)
+
+    def recursion_misses(self) -> int:
+        """Runs the kernel skipped because this program was already running on that CPU (a
+        trampoline program whose task was preempted inside it): for fmod_ret, a decision not made."""
+        info = libbpf.BpfProgInfo()
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        err = libbpf.int_error(lib().bpf_obj_get_info_by_fd(self.fd, ctypes.byref(info), ctypes.byref(size)))
+        if err:
+            raise BpfError(f"program {self.name}: get info failed: {lib().strerror(err)}")
+        return int(info.recursion_misses)
 
     def attach(self) -> Link:
         ptr = lib().bpf_program__attach(self._ptr)
@@ -134,6 +162,17 @@ class Map:
         err = libbpf.int_error(lib().bpf_map_update_elem(self.fd, ctypes.byref(k), ctypes.byref(v), flags))
         if err:
             raise BpfError(f"map {self.name}: update failed: {lib().strerror(err)}")
+
+    def insert(self, key, value) -> bool:
+        """Adds a new key; False if it was already there (BPF_NOEXIST)."""
+        k = _as_buffer(key, self.key_size, "key")
+        v = _as_buffer(value, self._value_buf_size(), "value")
+        err = libbpf.int_error(lib().bpf_map_update_elem(self.fd, ctypes.byref(k), ctypes.byref(v), BPF_NOEXIST))
+        if err == errno.EEXIST:
+            return False
+        if err:
+            raise BpfError(f"map {self.name}: update failed: {lib().strerror(err)}")
+        return True
 
     def update_many(self, items: List[Tuple[bytes, bytes]]) -> None:
         """Writes many entries in one syscall where the kernel has batch ops (5.6+)."""
@@ -307,8 +346,7 @@ class Object:
         return self.links
 
     def close(self) -> None:
-        for link in reversed(self.links):
-            link.destroy()
+        destroy_all(self.links)
         self.links.clear()
         if self._ptr:
             lib().bpf_object__close(self._ptr)

@@ -52,6 +52,8 @@ def monitor(
                                                              "in its scope instead of ending them."),
     scope_grace: str = typer.Option("3s", "--scope-grace", help="After COMMAND exits, processes left in its scope "
                                                                "get SIGTERM, then SIGKILL after this long."),
+    max_scope: int = typer.Option(65536, "--max-scope", help="Processes and threads the scope map holds; "
+                                                             "once full, forks in the scope are refused."),
     command: List[str] = typer.Argument(None, metavar="[-- COMMAND [ARGS]...]"),
 ) -> None:
     """Stream the events of a process tree, a cgroup, or a command started in scope."""
@@ -64,6 +66,8 @@ def monitor(
     enforcers.candidates(enforcer)  # a bad name is a usage error before anything runs
     if ringbuf_size is not None and (ringbuf_size < 4096 or ringbuf_size & (ringbuf_size - 1)):
         raise UsageError(f"--ringbuf-size: {ringbuf_size} must be a power of 2 and at least 4096")
+    if not 64 <= max_scope <= 1 << 22:
+        raise UsageError(f"--max-scope: {max_scope} must be between 64 and {1 << 22}")
     pol = None
     if policy:
         from assay.policy import load_policy, resolve_hosts
@@ -71,7 +75,7 @@ def monitor(
     opts = MonitorOptions(policy=pol, scope=Scope(pids=tuple(pid), cgroup=cgroup, all=all_), command=tuple(command or ()),
                           duration=parse_duration(duration) if duration else None, fmt=fmt, output=output_path,
                           ebpf=ebpf, ringbuf_size=ringbuf_size, enforcer=enforcer, wait_all=wait_all,
-                          scope_grace=parse_duration(scope_grace))
+                          scope_grace=parse_duration(scope_grace), max_scope=max_scope)
     recorder = None
     if record:
         from assay import learning
@@ -100,6 +104,14 @@ def monitor(
         output.say(json.dumps({"summary": s.as_dict()}) if fmt == "json" else s.as_text())
         if s.dropped:
             output.say(f"assay: WARNING: {s.dropped} events were dropped (ring buffer full); raise --ringbuf-size")
+        lost = s.kernel_counters
+        if lost.get("scope_fork_denied"):
+            output.say(f"assay: WARNING: {lost['scope_fork_denied']} forks in the scope were refused (EAGAIN): "
+                       f"the scope map was full; raise --max-scope")
+        if lost.get("decisions_skipped"):
+            output.say(f"assay: WARNING: the kernel skipped {lost['decisions_skipped']} run(s) of the "
+                       f"{s.enforcer} decisions (a task preempted inside one makes the next task on that CPU "
+                       "pass unjudged): enforcement was not complete; see docs/enforcers.md")
         if s.output_lost:
             why = ", ".join(f"{k} x{v}" for k, v in sorted(s.output_errors.items())) or "output too slow"
             output.say(f"assay: WARNING: {s.output_lost} events could not be written to "

@@ -124,11 +124,25 @@ def _try_enforcer(backend: enforcers.Backend, obj_path: str) -> Check:
         return Check(name, False, str(e), backend.refused_fix(), required=False)
 
 
+def _preemption(chosen: Optional[str]) -> Check:
+    """fmod_ret programs are tracing programs: the kernel skips one on a CPU where another task was
+    preempted inside it. Only kernels that preempt kernel code (full, lazy) do that."""
+    model = system.preemption()
+    shown = model or "unknown"
+    if chosen == "fmod_ret" and model in system.PREEMPTIBLE:
+        return Check("preemption", False, f"model {shown}: a task preempted inside an fmod_ret decision makes "
+                     "the kernel skip that decision for the next task on its CPU (the monitor counts them as "
+                     "decisions_skipped)", "use the lsm backend (add bpf to the LSM list), or boot with "
+                     "preempt=voluntary", required=False)
+    return Check("preemption", True, f"model {shown}", required=False)
+
+
 def run_checks(obj_path: str) -> List[Check]:
     checks = [_kernel(), _btf(), _libbpf(), _caps(), _memlock(), _lsm(), _lockdown(), _cgroup2()]
     if checks[2].ok:
         checks.append(_try_tracepoint(obj_path))
         checks += [_try_enforcer(b, obj_path) for b in enforcers.BACKENDS]
+        checks.append(_preemption(enforcer(checks)))
     return checks
 
 

@@ -90,18 +90,65 @@ class Entry:
 
 
 @attrs.frozen
+class NameEntry:
+    """An exact deny by place: (parent directory identity, name), for a file replaced there."""
+    map_name: str        # file_deny_names or exec_deny_names
+    parent: InodeId
+    name: bytes
+    rule_index: int
+    action: abi.Action
+
+    def keys(self) -> List[bytes]:
+        out = []
+        for dev in dict.fromkeys(self.parent.devs()):
+            k = abi.NameKey(parent_ino=self.parent.ino, parent_dev=dev, name_len=len(self.name))
+            k.name = self.name
+            out.append(bytes(k))
+        return out
+
+    def gate_keys(self) -> List[bytes]:
+        return [_KEY.pack(self.parent.ino, dev, 0) for dev in dict.fromkeys(self.parent.devs())]
+
+
+def name_entries(entries: Iterable[Entry]) -> List[NameEntry]:
+    """Every exact deny also by its place, so a file renamed over it, or deleted and created
+    again, is still denied (an inode renamed away keeps its own entry)."""
+    out = []
+    parents: Dict[str, Optional[InodeId]] = {}
+    for e in entries:
+        if e.map_name not in ("file_deny", "exec_deny"):
+            continue
+        parent, name = os.path.split(e.path.rstrip("/"))
+        raw = os.fsencode(name)
+        if not parent or not raw or len(raw) >= abi.NAME_MAX:
+            continue
+        if parent not in parents:
+            try:
+                parents[parent] = identify(parent)
+            except OSError:
+                parents[parent] = None  # the rules there still hold by inode
+        ident = parents[parent]
+        if ident is None:
+            continue
+        out.append(NameEntry(e.map_name + "_names", ident, raw, e.rule_index, e.action))
+    return out
+
+
+@attrs.frozen
 class Plan:
     """Everything to write into the maps, plus what to tell the user about how rules are covered."""
     entries: Tuple[Entry, ...]
     notes: Tuple[str, ...]
     rule_names: Dict[int, str]
     kill_graceful: Dict[int, int]   # rule index -> grace period ms
+    names: Tuple[NameEntry, ...] = ()
 
     def rule_bits(self, prefix: str) -> int:
-        names = {e.map_name for e in self.entries}
+        names = {e.map_name for e in self.entries} | {n.map_name for n in self.names}
         bits = 0
         for suffix, bit in (("_deny", abi.RULES_DENY), ("_deny_dirs", abi.RULES_DENY_DIRS),
-                            ("_allow", abi.RULES_ALLOW), ("_allow_dirs", abi.RULES_ALLOW_DIRS)):
+                            ("_allow", abi.RULES_ALLOW), ("_allow_dirs", abi.RULES_ALLOW_DIRS),
+                            ("_deny_names", abi.RULES_DENY_NAMES)):
             if prefix + suffix in names:
                 bits |= bit
         return bits
@@ -167,7 +214,7 @@ def plan(policy, rule_types: Iterable[str] = ("file_open", "proc_exec")) -> Plan
                 m = f"{prefix[rule.type]}_{kind}" + ("_dirs" if subtree else "")
                 entries.append(Entry(m, ident, index, action, path))
     entries += _keep_other_rules(entries, names, notes)
-    return Plan(tuple(entries), tuple(notes), names, graceful)
+    return Plan(tuple(entries), tuple(notes), names, graceful, tuple(name_entries(entries)))
 
 
 def _keep_other_rules(entries: List[Entry], names: Dict[int, str], notes: List[str]) -> List[Entry]:
@@ -220,6 +267,21 @@ def apply(plan_: Plan, maps: Dict[str, object]) -> int:
     for map_name, per in best.items():
         maps[map_name].update_many([(kb, _REF.pack(idx, act)) for kb, (_, idx, act) in per.items()])
         written += len(per)
+    by_name: Dict[str, Dict[bytes, Tuple[int, int, int]]] = {}
+    gates: Dict[bytes, int] = {}
+    for n in plan_.names:
+        per = by_name.setdefault(n.map_name, {})
+        for kb in n.keys():
+            cur = per.get(kb)
+            if cur is None or _STRENGTH[n.action] > cur[0]:
+                per[kb] = (_STRENGTH[n.action], n.rule_index, int(n.action))
+        for g in n.gate_keys():
+            gates[g] = gates.get(g, 0) | (1 if n.map_name.startswith("file") else 2)
+    for map_name, per in by_name.items():
+        maps[map_name].update_many([(kb, _REF.pack(idx, act)) for kb, (_, idx, act) in per.items()])
+        written += len(per)
+    if gates:
+        maps["name_dirs"].update_many([(g, struct.pack("<I", bits)) for g, bits in gates.items()])
     devs = subtree_devs(plan_)
     if devs:
         maps["subtree_devs"].update_many([(struct.pack("<I", d), struct.pack("<I", 1)) for d in devs])

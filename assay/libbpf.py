@@ -85,6 +85,13 @@ class BpfMapInfo(ctypes.Structure):
                 ("name", ctypes.c_char * 16)]
 
 
+class BpfProgInfo(ctypes.Structure):
+    # Prefix of struct bpf_prog_info (uapi) up to recursion_misses (5.12+; older kernels leave it 0).
+    _fields_ = [("type", c_uint32), ("id", c_uint32), ("_head", ctypes.c_uint8 * 184),
+                ("run_time_ns", ctypes.c_uint64), ("run_cnt", ctypes.c_uint64),
+                ("recursion_misses", ctypes.c_uint64)]
+
+
 class Lib:
     """The loaded libbpf: its functions as attributes (None where this version lacks them)."""
 

@@ -20,6 +20,13 @@ log = structlog.get_logger("assay.monitor")
 
 ALL_EVENTS = tuple(t for t in abi.EventType)
 GRACE_S = 5.0
+DEFAULT_MAX_SCOPE = 65536
+
+
+def scope_limit(capacity: int) -> int:
+    """Entries past which forks in the scope are refused: room is kept for forks already under
+    way (between the kernel's check and its insert), so the map never has to lose one."""
+    return capacity - max(16, capacity // 64)
 
 
 def default_object_path() -> str:
@@ -53,6 +60,7 @@ class MonitorOptions:
     enforcer: str = "auto"            # auto, or one backend of assay.enforcers
     wait_all: bool = False            # after the command exits, wait for the rest of its scope
     scope_grace: float = 3.0          # otherwise: SIGTERM it, and SIGKILL after this many seconds
+    max_scope: int = DEFAULT_MAX_SCOPE  # scope_pids capacity (processes and threads of the scope)
 
 
 @attrs.define
@@ -168,6 +176,7 @@ class Monitor:
         self._out: Optional[output.EventWriter] = None
         self.plan: Optional[enforce.Plan] = None
         self.net_plan: Optional[enforce.NetPlan] = None
+        self._cfg: Optional[abi.Config] = None
 
     # ------------------------------------------------------------ setup
     def load(self) -> Object:
@@ -184,6 +193,7 @@ class Monitor:
             obj = Object(path)
             try:
                 skip_missing_tracepoints(obj, tracefs)
+                obj.maps["scope_pids"].set_max_entries(self.opts.max_scope)
                 if self.opts.ringbuf_size:
                     obj.maps["events"].set_max_entries(self.opts.ringbuf_size)
             except BaseException:
@@ -204,6 +214,10 @@ class Monitor:
             self.decoder.enforcer = self.summary.enforcer = self.backend.name
             why = f" ({'; '.join(passed_over)})" if passed_over else ""
             output.say(f"assay: enforcing via {self.backend.name}{why}")
+            model = system.preemption() if self.backend.name == "fmod_ret" else None
+            if model in system.PREEMPTIBLE:
+                output.say(f"assay: warning: this kernel preempts kernel code ({model}), so it can skip an "
+                           "fmod_ret decision; skipped ones are counted (decisions_skipped). See docs/enforcers.md")
         self.obj = obj
         return obj
 
@@ -229,6 +243,7 @@ class Monitor:
         cfg.monitor_tgid = os.getpid()
         cfg.event_mask = sum(1 << int(t) for t in self.opts.events)
         cfg.enforce = int(self.enforce)
+        cfg.scope_limit = scope_limit(self.opts.max_scope)
         if self.plan is not None:
             enforce.apply(self.plan, self.obj.maps)
             enforce.apply_net(self.net_plan, self.obj.maps)
@@ -237,10 +252,14 @@ class Monitor:
             cfg.net_rules = self.net_plan.bits
         if extra:
             extra(cfg)
+        self._cfg = cfg
         self.obj.maps["assay_config"].update(ctypes.c_uint32(0), cfg)
 
     def add_pid(self, pid: int) -> None:
-        self.obj.maps["scope_pids"].update(ctypes.c_uint32(pid), ctypes.c_uint32(1))
+        if self.obj.maps["scope_pids"].insert(ctypes.c_uint32(pid), ctypes.c_uint32(1)) and self._cfg is not None:
+            # The kernel counts the entries it writes; ours are counted here, for its fork check.
+            self._cfg.scope_user += 1
+            self.obj.maps["assay_config"].update(ctypes.c_uint32(0), self._cfg)
 
     def resolve_cgroup(self) -> Optional[int]:
         if not self.opts.scope.cgroup:
@@ -258,7 +277,22 @@ class Monitor:
                 continue
             vals = m.lookup_percpu(ctypes.c_uint32(int(c)))
             out[c.name.lower()] = sum(int.from_bytes(v, "little") for v in vals)
+        out["decisions_skipped"] = self.decisions_skipped()
         return out
+
+    def decisions_skipped(self) -> int:
+        """Runs of the decision programs the kernel skipped (fmod_ret: a task preempted inside one
+        makes the next task on that CPU pass unjudged; see docs/enforcers.md)."""
+        if self.backend is None:
+            return 0
+        total = 0
+        for link in self.obj.links:
+            if enforcers.is_enforcing(link.program):
+                try:
+                    total += link.program.recursion_misses()
+                except BpfError:
+                    pass
+        return total
 
     def kill_requests(self) -> List[Tuple[int, int]]:
         """Graceful kills the kernel asked for (pid, rule id), taken off the map."""

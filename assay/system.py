@@ -56,6 +56,30 @@ def bpf_lsm_active() -> bool:
     return "bpf" in active_lsms()
 
 
+def preemption() -> Optional[str]:
+    """The kernel's preemption model: none, voluntary, full or lazy (the current one of a
+    PREEMPT_DYNAMIC kernel, from debugfs), "full" for a PREEMPT or PREEMPT_RT build; None when
+    it cannot be told."""
+    path = "/sys/kernel/debug/sched/preempt"
+    if not os.path.exists(path) and os.path.isdir("/sys/kernel/debug") and not _is_mounted("/sys/kernel/debug"):
+        _mount("debugfs", "/sys/kernel/debug", "debugfs")
+    try:
+        with open(path) as f:
+            current = [w for w in f.read().split() if w.startswith("(")]
+        if current:
+            return current[0].strip("()")
+    except OSError:
+        pass
+    version = os.uname().version.split()
+    if "PREEMPT_RT" in version or "PREEMPT" in version:
+        return "full"
+    return None
+
+
+# Where a task can be preempted inside a BPF program: fmod_ret runs can then be skipped.
+PREEMPTIBLE = ("full", "lazy")
+
+
 def lockdown_mode() -> Optional[str]:
     try:
         with open(os.path.join(SECURITYFS, "lockdown")) as f:

@@ -14,6 +14,7 @@ def run(assay_cmd, *args):
     (["monitor", "--duration", "soon", "--", "true"], "invalid duration"),
     (["monitor", "--ringbuf-size", "1000", "--", "true"], "power of 2"),
     (["monitor", "--pid", "notanumber"], "--pid"),
+    (["monitor", "--max-scope", "10", "--", "true"], "--max-scope"),
     (["monitor", "--bogus"], "--bogus"),
     (["nosuchcommand"], "nosuchcommand"),
     (["doctor", "--format", "yaml"], "--format"),

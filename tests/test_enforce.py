@@ -86,8 +86,16 @@ def test_plan_maps_and_actions(tmp_path):
     got = {(e.map_name, os.path.basename(e.path), e.action) for e in p.entries}
     assert got == {("file_deny", "a", abi.Action.ALERT), ("file_deny_dirs", "d", abi.Action.DENY),
                    ("file_deny", "b", abi.Action.DENY), ("file_allow_dirs", "pub", abi.Action.DENY)}
-    assert p.rule_bits("file") == abi.RULES_DENY | abi.RULES_DENY_DIRS | abi.RULES_ALLOW_DIRS
+    assert p.rule_bits("file") == (abi.RULES_DENY | abi.RULES_DENY_DIRS | abi.RULES_ALLOW_DIRS
+                                   | abi.RULES_DENY_NAMES)
     assert p.rule_names == {1: "files", 2: "tree"}
+    # every exact deny also by its place: the identity of its directory and its name
+    parent = enforce.identify(str(tmp_path))
+    assert {(n.map_name, n.name, n.rule_index, n.parent) for n in p.names} == {
+        ("file_deny_names", b"a", 1, parent), ("file_deny_names", b"b", 2, parent)}
+    key = abi.NameKey.from_buffer_copy(p.names[0].keys()[0])
+    assert (key.parent_ino, key.name_len, key.name) == (parent.ino, 1, p.names[0].name)
+    assert p.names[0].keys()[0].endswith(b"\0" * (abi.NAME_MAX - 1))  # zero-padded, as the kernel builds it
 
 
 @pytest.mark.root
@@ -112,10 +120,12 @@ def test_ten_thousand_rules_load_fast(tmp_path, obj_path):
         t1 = time.perf_counter()
         written = enforce.apply(p, obj.maps)
         t2 = time.perf_counter()
-        assert written == len(list(obj.maps["file_deny"].keys()))
+        assert written == len(list(obj.maps["file_deny"].keys())) + len(list(obj.maps["file_deny_names"].keys()))
+        assert len(list(obj.maps["name_dirs"].keys())) == len(p.names[0].gate_keys())  # one directory
         assert obj.maps["file_deny"].lookup(p.entries[123].inode.keys()[0]) is not None
     # four keys per file with a generation (ext4), two without one (tmpfs)
-    assert written == sum(len(e.inode.keys()) for e in p.entries) >= 2 * 10000
+    by_inode, by_name = sum(len(e.inode.keys()) for e in p.entries), sum(len(n.keys()) for n in p.names)
+    assert written == by_inode + by_name and by_inode >= 2 * 10000 and by_name >= 10000
     print(f"\n10k rules: resolve {t1 - t0:.3f}s, map fill {t2 - t1:.3f}s, total {t2 - t0:.3f}s")
     assert t2 - t0 < 1.0
 

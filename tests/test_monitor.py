@@ -217,3 +217,9 @@ def test_control_characters_and_bad_utf8_are_escaped(assay_cmd, tmp_path):
     assert evs and evs[0]["path"].endswith("evil\\x1b[31m\\x01\\xff.txt")
     p = run_monitor(assay_cmd, ["--format", "text", "--", PY, "-c", code])
     assert "\x1b" not in p.stdout and "evil\\x1b[31m\\x01\\xff.txt" in p.stdout
+
+
+def test_scope_limit_keeps_a_reserve():
+    from assay.monitor import scope_limit
+    assert scope_limit(64) == 48 and scope_limit(65536) == 65536 - 1024
+    assert all(0 < scope_limit(n) < n for n in (64, 100, 4096, 1 << 22))

@@ -103,6 +103,18 @@ int BPF_PROG(fmod_inode_link, struct dentry *old_dentry, struct inode *dir, stru
 	return decide_link(old_dentry, new_dentry, ret);
 }
 
+ENFORCE_LSM(task_alloc)
+int BPF_PROG(lsm_task_alloc, struct task_struct *task, unsigned long clone_flags, int ret)
+{
+	return decide_task_alloc(ret);
+}
+
+ENFORCE_FMOD(task_alloc)
+int BPF_PROG(fmod_task_alloc, struct task_struct *task, unsigned long clone_flags, int ret)
+{
+	return decide_task_alloc(ret);
+}
+
 ENFORCE_LSM(socket_connect)
 int BPF_PROG(lsm_socket_connect, struct socket *sock, struct sockaddr *address, int addrlen, int ret)
 {

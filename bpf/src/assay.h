@@ -45,7 +45,8 @@ enum assay_counter {
 	ASSAY_CNT_PENDING_FULL = 3,  /* syscall enter/exit pairing map full */
 	ASSAY_CNT_KILL_FULL = 4,     /* kill_requests full: killed at once instead of gracefully */
 	ASSAY_CNT_DISCONNECTED = 5,  /* ancestor walk met a disconnected dentry */
-	ASSAY_CNT_MAX = 6,
+	ASSAY_CNT_SCOPE_FORK_DENIED = 6,  /* scope_pids (nearly) full: a fork in the scope was refused */
+	ASSAY_CNT_MAX = 7,
 };
 
 enum assay_open_syscall {
@@ -72,6 +73,8 @@ struct assay_config {
 	__u32 file_rules;     /* ASSAY_RULES_* bits: which file maps hold entries */
 	__u32 exec_rules;     /* same bits, for the exec maps */
 	__u32 net_rules;      /* ASSAY_NET_* bits */
+	__u32 scope_limit;    /* forks in a map-tracked scope are refused once scope_pids holds this many */
+	__s32 scope_user;     /* entries userspace wrote into scope_pids (the kernel counts its own) */
 };
 
 #define ASSAY_NET_DENY4 1
@@ -110,12 +113,22 @@ struct assay_net_value {
 #define ASSAY_RULES_DENY_DIRS 2
 #define ASSAY_RULES_ALLOW 4
 #define ASSAY_RULES_ALLOW_DIRS 8
+#define ASSAY_RULES_DENY_NAMES 16   /* the *_deny_names maps hold entries */
 
 /* Inode identity. dev is either encoding (new_encode_dev or major<<20|minor); gen 0 is the fallback. */
 struct assay_inode_key {
 	__u64 ino;
 	__u32 dev;
 	__u32 gen;
+};
+
+/* An exact deny's place: its parent directory's identity and its name, so a file put there later
+ * (renamed over it, or deleted and created again) is still the rule's. The name is zero-padded. */
+struct assay_name_key {
+	__u64 parent_ino;
+	__u32 parent_dev;     /* new_encode_dev form */
+	__u32 name_len;
+	char name[ASSAY_NAME_MAX];
 };
 
 struct assay_rule_ref {

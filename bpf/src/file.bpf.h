@@ -105,6 +105,36 @@ INODE_MAP(exec_deny_dirs);
 INODE_MAP(exec_allow);
 INODE_MAP(exec_allow_dirs);
 
+/* Exact denies by place (struct assay_name_key), behind a gate of the parent directories that hold
+ * one (value: 1 file, 2 exec), so an open elsewhere costs one small lookup. */
+#define NAME_MAP(name)                                       \
+	struct {                                             \
+		__uint(type, BPF_MAP_TYPE_HASH);             \
+		__uint(max_entries, 262144);                 \
+		__uint(map_flags, BPF_F_NO_PREALLOC);        \
+		__type(key, struct assay_name_key);          \
+		__type(value, struct assay_rule_ref);        \
+	} name SEC(".maps")
+
+NAME_MAP(file_deny_names);
+NAME_MAP(exec_deny_names);
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct assay_inode_key);   /* gen 0 */
+	__type(value, __u32);
+} name_dirs SEC(".maps");
+
+/* The key is too large for the stack. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct assay_name_key);
+} name_scratch SEC(".maps");
+
 /* ---------------------------------------------------------------- file and exec enforcement */
 
 static __always_inline __u32 new_encode_dev(__u32 s_dev)
@@ -232,6 +262,48 @@ static __always_inline __u64 lookup_ancestors(void *map, struct dentry *d, struc
 	return fail_closed ? unprovable(d, ASSAY_CNT_WALK_TRUNC) : 0;
 }
 
+/* The exact deny naming this dentry's place, if any: a file put at a protected path after the
+ * start is a new inode, but the same parent and name. */
+static __always_inline __u64 lookup_name(void *map, struct dentry *d, __u32 kind)
+{
+	struct dentry *parent = BPF_CORE_READ(d, d_parent);
+	struct assay_inode_key g = {};
+	struct assay_rule_ref *r;
+	__u32 zero = 0, *kinds;
+
+	if (parent == d)
+		return 0;
+	g.ino = BPF_CORE_READ(parent, d_inode, i_ino);
+	g.dev = new_encode_dev(BPF_CORE_READ(parent, d_sb, s_dev));
+	kinds = bpf_map_lookup_elem(&name_dirs, &g);
+	if (!kinds || !(*kinds & kind))
+		return 0;
+	struct assay_name_key *k = bpf_map_lookup_elem(&name_scratch, &zero);
+	if (!k)
+		return 0;
+	__u32 len = BPF_CORE_READ(d, d_name.len);
+	if (!len || len >= ASSAY_NAME_MAX)
+		return 0;
+	__builtin_memset(k, 0, sizeof(*k));
+	k->parent_ino = g.ino;
+	k->parent_dev = g.dev;
+	k->name_len = len;
+	bpf_probe_read_kernel(k->name, len & (ASSAY_NAME_MAX - 1), BPF_CORE_READ(d, d_name.name));
+	if ((r = bpf_map_lookup_elem(map, k)))
+		return PACK(r, 0);
+	return 0;
+}
+
+__noinline __u64 assay_names_file_deny(__u64 dentry)
+{
+	return lookup_name(&file_deny_names, (struct dentry *)dentry, 1);
+}
+
+__noinline __u64 assay_names_exec_deny(__u64 dentry)
+{
+	return lookup_name(&exec_deny_names, (struct dentry *)dentry, 2);
+}
+
 /* Global functions (see above): the deny maps' walks fail closed, the exception maps' do not. */
 #define INODE_LOOKUPS(map, fail_closed)                                                     \
 	__noinline __u64 assay_lookup_##map(__u64 inode)                                    \
@@ -330,6 +402,8 @@ static __always_inline void emit_block(enum assay_event_type type, __u64 rule, s
 		int verdict_ = 0;                                                                   \
 		if (rules_ & ASSAY_RULES_DENY)                                                      \
 			rule_ = assay_lookup_##prefix##_deny((__u64)inode_);                        \
+		if (!rule_ && (rules_ & ASSAY_RULES_DENY_NAMES))                                    \
+			rule_ = assay_names_##prefix##_deny((__u64)d_);                             \
 		if (!rule_ && (rules_ & ASSAY_RULES_DENY_DIRS))                                     \
 			rule_ = assay_ancestors_##prefix##_deny_dirs((__u64)d_, (__u64)mnt_);        \
 		if (rule_ & (skip))                                                                  \

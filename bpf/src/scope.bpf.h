@@ -11,6 +11,41 @@ struct {
 	__type(value, __u32);
 } scope_pids SEC(".maps");
 
+/* How many entries the kernel put into scope_pids, minus those it took out (entries userspace
+ * wrote are in assay_config.scope_user): a map that fills up must refuse forks, not lose them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __s64);
+} scope_count SEC(".maps");
+
+static __always_inline void scope_counted(__s64 delta)
+{
+	__u32 zero = 0;
+	__s64 *n = bpf_map_lookup_elem(&scope_count, &zero);
+	if (n)
+		__sync_fetch_and_add(n, delta);
+}
+
+/* Adds a key to scope_pids; true when it is there afterwards. */
+static __always_inline bool scope_add(__u32 key)
+{
+	__u32 one = 1;
+
+	if (!bpf_map_update_elem(&scope_pids, &key, &one, BPF_NOEXIST)) {
+		scope_counted(1);
+		return true;
+	}
+	return bpf_map_lookup_elem(&scope_pids, &key) != NULL;
+}
+
+static __always_inline void scope_del(__u32 key)
+{
+	if (!bpf_map_delete_elem(&scope_pids, &key))
+		scope_counted(-1);
+}
+
 static __always_inline bool cgroup_in_subtree(__u64 target)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
@@ -39,9 +74,7 @@ static __always_inline bool in_scope(const struct assay_config *cfg, __u32 tgid)
 	if (cfg->scope_cgroup && cgroup_in_subtree(cfg->cgroup_id)) {
 		/* Seen in the subtree: it stays in scope, with every child it forks from now on, even
 		 * if it moves itself out. */
-		__u32 one = 1;
-		if (bpf_map_update_elem(&scope_pids, &tgid, &one, BPF_NOEXIST) &&
-		    !bpf_map_lookup_elem(&scope_pids, &tgid))
+		if (!scope_add(tgid))
 			count(ASSAY_CNT_SCOPE_FULL);
 		return true;
 	}
@@ -56,13 +89,11 @@ int assay_fork(struct trace_event_raw_sched_process_fork *ctx)
 	struct assay_config *cfg = get_config();
 	__u32 parent = bpf_get_current_pid_tgid() >> 32;
 	__u32 child = BPF_CORE_READ(ctx, child_pid);
-	__u32 one = 1;
 
 	if (!cfg || !in_scope(cfg, parent))
 		return 0;
 	/* Threads land here too; their tid key is harmless and removed at their exit. */
-	if (bpf_map_lookup_elem(&scope_pids, &parent) &&
-	    bpf_map_update_elem(&scope_pids, &child, &one, BPF_ANY))
+	if (bpf_map_lookup_elem(&scope_pids, &parent) && !scope_add(child))
 		count(ASSAY_CNT_SCOPE_FULL);
 	if (!wants(cfg, ASSAY_EV_FORK) || child == (__u32)bpf_get_current_pid_tgid())
 		return 0;
@@ -120,11 +151,11 @@ int assay_exit(void *ctx)
 	bool last = BPF_CORE_READ(task, signal, live.counter) == 0;
 
 	if (tid != tgid)
-		bpf_map_delete_elem(&scope_pids, &tid);
+		scope_del(tid);
 	if (!last)
 		return 0;
 	bool scoped = cfg && in_scope(cfg, tgid);
-	bpf_map_delete_elem(&scope_pids, &tgid);
+	scope_del(tgid);
 	if (!scoped || !wants(cfg, ASSAY_EV_EXIT))
 		return 0;
 
@@ -134,6 +165,31 @@ int assay_exit(void *ctx)
 	ev.exit_code = (code >> 8) & 0xff;
 	ev.signal = code & 0x7f;
 	emit(&ev, sizeof(ev));
+	return 0;
+}
+
+/* ---------------------------------------------------------------- a full scope map fails closed */
+
+#define EAGAIN 11
+
+/* task_alloc (lsm/task_alloc, fmod_ret/security_task_alloc): a process or thread of a map-tracked
+ * scope may not fork once scope_pids is (nearly) full, since its child could not be tracked and
+ * would run outside the scope. The limit keeps room for forks already past this point. */
+static __always_inline int decide_task_alloc(int ret)
+{
+	struct assay_config *cfg;
+	__u32 zero = 0;
+
+	if (ret || !(cfg = ENFORCING(c_->scope_limit)) || cfg->scope_all)
+		return ret;
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	if (tgid == cfg->monitor_tgid || !bpf_map_lookup_elem(&scope_pids, &tgid))
+		return 0;
+	__s64 *n = bpf_map_lookup_elem(&scope_count, &zero);
+	if (n && *n + cfg->scope_user >= cfg->scope_limit) {
+		count(ASSAY_CNT_SCOPE_FORK_DENIED);
+		return -EAGAIN;
+	}
 	return 0;
 }
 

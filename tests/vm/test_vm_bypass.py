@@ -208,6 +208,54 @@ def test_4_a_walk_too_deep_to_finish_denies_where_subtrees_live(assay_cmd, tmp_p
     assert summary["lost"].get("walk_trunc", 0) >= 1
 
 
+# ------------------------------------------------------------------ 6: a file replaced at a protected path
+
+REPLACE = r'''
+import json, os, shutil, subprocess, sys
+d, tool_src = sys.argv[1], sys.argv[2]
+res = {}
+def attempt(name, fn):
+    try:
+        fn(); res[name] = "ok"
+    except OSError as e:
+        res[name] = e.errno
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+# an editor's or a package manager's save: a new file renamed over the protected one
+os.rename(d + "/secret", d + "/secret.away")
+attempt("renamed_away", lambda: open(d + "/secret.away").read())
+write(d + "/secret.tmp", "replaced")
+os.rename(d + "/secret.tmp", d + "/secret")
+attempt("replaced", lambda: open(d + "/secret").read())
+os.unlink(d + "/secret")
+attempt("created_again", lambda: write(d + "/secret", "created again"))
+write(d + "/secret-neighbour", "fine")
+attempt("neighbour", lambda: open(d + "/secret-neighbour").read())
+shutil.copy(tool_src, d + "/tool.tmp")
+os.chmod(d + "/tool.tmp", 0o755)
+os.rename(d + "/tool.tmp", d + "/tool")
+attempt("exec_replaced", lambda: subprocess.run([d + "/tool"], check=True))
+print(json.dumps(res))
+'''
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_6_a_file_replaced_at_a_protected_path_stays_protected(assay_cmd, tmp_path, data, user):
+    tool = data / "tool"
+    shutil.copy("/bin/true", tool)
+    os.chmod(tool, 0o755)
+    rules = file_rule("secret", [str(data / "secret")]) + file_rule("tool", [str(tool)], rtype="proc_exec")
+    pol = policy(tmp_path, rules)
+    p, evs = monitor(assay_cmd, tmp_path, pol, as_user(user, REPLACE) + [str(data), "/bin/true"])
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == {"renamed_away": 1, "replaced": 1, "created_again": 1, "neighbour": "ok",
+                                    "exec_replaced": 1}
+    blocked = {(e["type"], e["rule"], e["path"]) for e in evs if e["type"].endswith("_blocked")}
+    assert {("file_blocked", "secret", str(data / "secret")), ("file_blocked", "secret", str(data / "secret.away")),
+            ("exec_blocked", "tool", str(tool))} <= blocked
+
+
 # ------------------------------------------------------------------ 7: exec through the loader, copies
 
 def loader():
@@ -350,11 +398,13 @@ except ChildProcessError:
 
 def test_11_children_forked_while_the_monitor_starts_are_in_scope(assay_cmd, tmp_path, data, vm_row):
     """A process keeps forking while `--pid` starts on it: every child, whenever it was born, is
-    in scope once the monitor runs (fork tracking is attached before the /proc scan)."""
-    if vm_row["kernel_series"] == "7.2" and vm_row.get("enforcer") == "fmod_ret":
-        # Open bug, reproduced twice: on 7.2 with fmod_ret, about 60% of the children forked after
-        # the start read the secret (every other row denies all). Cause not found yet.
-        pytest.xfail("7.2 + fmod_ret: children forked by a --pid target are partly missed (open bug)")
+    in scope once the monitor runs (fork tracking is attached before the /proc scan).
+
+    The children then open the secret all at once, a storm on two emulated CPUs. Under fmod_ret on
+    a preemptible kernel (7.2: lazy preemption) the kernel's recursion guard skips a decision
+    whenever a task was preempted inside it, and the open passes unjudged: the documented limit of
+    that backend. The monitor must then account for every such open (decisions_skipped) and warn;
+    the LSM hooks have no such guard, and there nothing may pass."""
     out = data / "forks"
     forker = subprocess.Popen([PY, "-c", FORKER.replace("SECRET", repr(str(data / "secret"))), str(out)])
     pol = policy(tmp_path, file_rule("s", [str(data / "secret")]))
@@ -375,7 +425,70 @@ def test_11_children_forked_while_the_monitor_starts_are_in_scope(assay_cmd, tmp
         _, err = mon.communicate(timeout=60)
     assert mon.returncode == 0, err
     got = out.read_text()
-    assert len(got) >= 5 and set(got) == {"D"}, f"{got.count('R')} of {len(got)} children read the secret"
+    summary = json.loads(next(line for line in err.splitlines() if line.startswith('{"summary"')))["summary"]
+    skipped = summary["lost"].get("decisions_skipped", 0)
+    read = got.count("R")
+    assert len(got) >= 5 and set(got) <= {"D", "R"}
+    assert read <= skipped, f"{read} of {len(got)} children read the secret, {skipped} decisions skipped"
+    from assay import system
+    if vm_row.get("enforcer", "lsm") == "lsm" or system.preemption() not in system.PREEMPTIBLE:
+        assert read == 0 and skipped == 0, f"{read} of {len(got)} children read the secret ({skipped} skipped)"
+    if skipped:
+        assert "skipped" in err and "enforcement was not complete" in err
+
+
+# ------------------------------------------------------------------ 12: a full scope map
+
+FILL = r'''
+import json, os, sys
+secret, out = sys.argv[1], sys.argv[2]
+r, w = os.pipe()
+n, err = 0, None
+while n < 200:
+    try:
+        pid = os.fork()
+    except OSError as e:
+        err = e.errno
+        break
+    if pid == 0:
+        os.close(w)
+        try:
+            open(secret).read(); res = b"R"
+        except OSError:
+            res = b"D"
+        fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666); os.write(fd, res); os.close(fd)
+        os.read(r, 1)  # hold the scope entry until the parent is done
+        os._exit(0)
+    n += 1
+os.close(w)
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+print(json.dumps({"children": n, "errno": err}))
+'''
+
+
+def test_12_a_full_scope_map_refuses_forks(assay_cmd, tmp_path, data, vm_row):
+    """With the scope map nearly full, a fork in the scope fails with EAGAIN instead of giving a
+    child the map cannot track (which would run outside the scope); every child that was born is
+    in scope, and the refusals are counted and reported."""
+    out = data / "out" / "fill"
+    pol = policy(tmp_path, file_rule("s", [str(data / "secret")]))
+    p, _ = monitor(assay_cmd, tmp_path, pol, [PY, "-c", FILL, str(data / "secret"), str(out)], "--max-scope", "64")
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout)
+    assert got["errno"] == 11 and 30 <= got["children"] < 64, got   # EAGAIN near 64 - 16 entries
+    summary = json.loads(next(line for line in p.stderr.splitlines() if line.startswith('{"summary"')))["summary"]
+    results = out.read_text()
+    # every child is in scope: none reads, but for decisions the kernel itself skipped (test_11)
+    assert len(results) == got["children"] and results.count("R") <= summary["lost"].get("decisions_skipped", 0)
+    from assay import system
+    if vm_row.get("enforcer", "lsm") == "lsm" or system.preemption() not in system.PREEMPTIBLE:
+        assert set(results) == {"D"}
+    assert summary["lost"].get("scope_fork_denied", 0) >= 1 and not summary["lost"].get("scope_full")
+    assert "forks in the scope were refused" in p.stderr
 
 
 # ------------------------------------------------------------------ 14: graceful kill under a flood
