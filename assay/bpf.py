@@ -23,10 +23,25 @@ def _route_libbpf_log(level: int, msg: str) -> None:
     getattr(log, LEVELS.get(level, "debug"))("libbpf", msg=msg)
 
 
+_print_synced = False
+
+
+def sync_libbpf_log() -> None:
+    """libbpf prints through us only when its lines can show (--log-level info or debug)."""
+    global _print_synced
+    if libbpf._lib is None:
+        return
+    _print_synced = True
+    if _logsetup.libbpf_visible:
+        libbpf._lib.set_print(_route_libbpf_log)
+    else:
+        libbpf._lib.set_print(None)
+
+
 def lib() -> libbpf.Lib:
     lb = libbpf.load()
-    if lb._print_cb is None:
-        lb.set_print(_route_libbpf_log)
+    if not _print_synced:
+        sync_libbpf_log()
     return lb
 
 

@@ -130,8 +130,12 @@ class Lib:
     def major(self) -> int:
         return int(self.version.split(".")[0])
 
-    def set_print(self, fn: Callable[[int, str], None]) -> None:
-        """Routes libbpf's log lines to fn(level, message)."""
+    def set_print(self, fn: Optional[Callable[[int, str], None]]) -> None:
+        """Routes libbpf's log lines to fn(level, message); None silences libbpf."""
+        if fn is None:
+            self._print_cb = None
+            self.libbpf_set_print(ctypes.cast(None, PRINT_FN))
+            return
         libc = ctypes.CDLL(None, use_errno=True)
         vsnprintf = libc.vsnprintf
         vsnprintf.restype = c_int

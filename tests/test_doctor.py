@@ -63,3 +63,14 @@ def test_doctor_text_names_each_backend_and_its_fix(assay_cmd, truth):
         assert "fix:" in p.stdout and lines[-1].endswith("enforcement: NOT available (exit 40)")
     else:
         assert lines[-1].endswith(f"enforcement: available via {'lsm' if truth['lsm'] else 'fmod_ret'}")
+
+
+def test_libbpf_lines_show_only_when_asked(assay_cmd):
+    """libbpf's own lines (the verifier's among them) reach stderr at --log-level info, and at the
+    default level libbpf is given no print callback at all."""
+    quiet = subprocess.run(assay_cmd + ["monitor", "-o", "/dev/null", "--", "true"], capture_output=True, text=True)
+    loud = subprocess.run(assay_cmd + ["--log-level", "debug", "monitor", "-o", "/dev/null", "--", "true"],
+                          capture_output=True, text=True)
+    assert quiet.returncode == 0 and loud.returncode == 0, (quiet.stderr, loud.stderr)
+    assert "libbpf" not in quiet.stderr
+    assert loud.stderr.count("libbpf") > 10
