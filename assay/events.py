@@ -17,7 +17,7 @@ from assay.abi import EventType
 TYPE_NAMES = {t: t.name.lower() for t in EventType}
 ACTION_NAMES = {a: a.name.lower() for a in abi.Action}
 FAMILIES = {2: "inet", 10: "inet6"}
-PROTOCOLS = {6: "tcp", 17: "udp"}
+PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 262: "mptcp"}
 NET_OPS = {o: o.name.lower() for o in abi.NetOp}
 SYSCALLS = {0: "openat", 1: "openat2", 2: "open"}
 BUILTIN_SOURCE_ROUTE = "builtin:source-route"

@@ -204,6 +204,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# Kernel modules the guest tests load themselves (the guest has no modprobe): SCTP and what it
+# needs, and loop (a real ext4 for the disconnected-dentry test). Extracted once per kernel with the image; a kernel record without them is fetched again.
+MODULES = ("sctp", "libcrc32c", "udp_tunnel", "ip6_udp_tunnel", "crc32c_generic", "crc32c_intel",
+           "crc32c_cryptoapi", "loop")
+
+
+def _module_name(member: str) -> Optional[str]:
+    base = os.path.basename(member)
+    for ext in (".ko", ".ko.xz", ".ko.zst", ".ko.gz"):
+        if base.endswith(ext):
+            return base[: -len(ext)].replace("-", "_")
+    return None
+
+
 def cached_kernel(spec: KernelSpec) -> Optional[dict]:
     path = kernel_record_path(spec)
     try:
@@ -213,12 +227,16 @@ def cached_kernel(spec: KernelSpec) -> Optional[dict]:
     image = CACHE / rec["vmlinuz"]
     if not image.is_file() or image.stat().st_size != rec.get("size"):
         return None
+    if rec.get("modules_wanted") != list(MODULES) or \
+            not all((CACHE / m).is_file() for m in rec.get("modules", [])):
+        return None
     rec["path"] = str(image)
     return rec
 
 
 def _extract_vmlinuz(deb: Path, pattern: str, dest: Path) -> Tuple[Path, str]:
-    """Streams the .deb's data tar and writes only the member matching `pattern`."""
+    """Streams the .deb's data tar and writes only the member matching `pattern` (and the
+    wanted modules, if this package has them, into dest/modules)."""
     proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
     found = None
     try:
@@ -231,6 +249,8 @@ def _extract_vmlinuz(deb: Path, pattern: str, dest: Path) -> Tuple[Path, str]:
                     with open(out, "wb") as fh:
                         shutil.copyfileobj(src, fh)
                     found = (out, name)
+                elif member.isfile() and _module_name(name) in MODULES:
+                    _save_module(tar, member, dest)
     finally:
         proc.stdout.close()
         if proc.wait() != 0 and found is None:
@@ -238,6 +258,25 @@ def _extract_vmlinuz(deb: Path, pattern: str, dest: Path) -> Tuple[Path, str]:
     if found is None:
         raise FetchError(f"{deb.name} has no file matching {pattern}")
     return found
+
+
+def _save_module(tar, member, dest: Path) -> None:
+    (dest / "modules").mkdir(exist_ok=True)
+    with open(dest / "modules" / os.path.basename(member.name), "wb") as fh:
+        shutil.copyfileobj(tar.extractfile(member), fh)
+
+
+def _extract_modules(deb: Path, dest: Path) -> None:
+    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+    try:
+        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+            for member in tar:
+                if member.isfile() and _module_name(member.name) in MODULES:
+                    _save_module(tar, member, dest)
+    finally:
+        proc.stdout.close()
+        if proc.wait() != 0:
+            raise FetchError(f"dpkg-deb --fsys-tarfile {deb.name} failed")
 
 
 def _release_from_path(member: str) -> str:
@@ -259,7 +298,7 @@ def ensure_kernel(spec: KernelSpec, refresh: bool = False) -> dict:
         if not names:
             raise FetchError(f"kernel {spec.id}: no package matches {spec.package} in {spec.suites}")
         name, version = newest(apt.madison(names))
-        if rec and (rec["package"], rec["version"]) == (name, version):
+        if rec and (rec["package"], rec["version"]) == (name, version) and cached_kernel(spec):
             log(f"kernel {spec.id}: {name} {version} is still the newest")
             return rec
         log(f"kernel {spec.id}: downloading {name} {version}")
@@ -267,16 +306,26 @@ def ensure_kernel(spec: KernelSpec, refresh: bool = False) -> dict:
         try:
             deb = apt.download(name, version, scratch)
             image, member = _extract_vmlinuz(deb, spec.vmlinuz, scratch)
+            if spec.modules_package:
+                mod_dir = scratch / "modules-deb"
+                mod_dir.mkdir()
+                mdeb = apt.download(spec.modules_package.format(release=_release_from_path(member)), version, mod_dir)
+                _extract_modules(mdeb, scratch)
             final_dir = cache_dir("kernels") / f"{name}_{version}"
             matrix.rmtree(final_dir)
             final_dir.mkdir()
             os.replace(image, final_dir / "vmlinuz")
+            modules = []
+            if (scratch / "modules").is_dir():
+                os.replace(scratch / "modules", final_dir / "modules")
+                modules = sorted(str(p.relative_to(CACHE)) for p in (final_dir / "modules").iterdir())
         finally:
             matrix.rmtree(scratch)
         previous, rec = rec, {
             "id": spec.id, "package": name, "version": version, "release": _release_from_path(member),
             "suites": spec.suites, "arch": spec.arch, "vmlinuz": str((final_dir / "vmlinuz").relative_to(CACHE)),
             "size": (final_dir / "vmlinuz").stat().st_size, "sha256": _sha256(final_dir / "vmlinuz"),
+            "modules": modules, "modules_wanted": list(MODULES),
             "resolved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         write_atomic(kernel_record_path(spec), json.dumps(rec, indent=2).encode())

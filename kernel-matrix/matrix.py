@@ -50,6 +50,8 @@ class KernelSpec:
     package: str
     vmlinuz: str
     arch: str = "amd64"
+    # The package holding /lib/modules when the image's own does not ({release} is filled in).
+    modules_package: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ def load(path: Path = MATRIX_FILE) -> List[Row]:
 
     kernels = {
         str(k): KernelSpec(str(k), [str(s) for s in v["suites"]], str(v["package"]), str(v["vmlinuz"]),
-                           arch_of("kernel", k, v))
+                           arch_of("kernel", k, v), str(v.get("modules_package", "")))
         for k, v in doc["kernels"].items()
     }
     userlands = {}

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Set, Tuple, Sequence
 
 from packaging.markers import Marker
 from packaging.requirements import Requirement
@@ -308,9 +308,15 @@ def tests_filter(path: Path) -> bool:
     return not (path.name in ("__pycache__", ".pytest_cache", ".hypothesis") or path.suffix == ".pyc")
 
 
-def write_payload(cpio, row_info: dict, wheel_dir: Path, deps_dir: Path) -> None:
-    """Adds the payload to a qemu.Cpio archive that is appended after the cached root."""
+GUEST_MODULES = "opt/assay/modules"
+
+
+def write_payload(cpio, row_info: dict, wheel_dir: Path, deps_dir: Path, modules: Sequence[Path] = ()) -> None:
+    """Adds the payload to a qemu.Cpio archive that is appended after the cached root, with the
+    kernel modules the guest tests may load (tests/vm/kmod.py)."""
     cpio.add_file("init", (GUEST_DIR / "init").read_bytes(), 0o755)
+    for m in modules:
+        cpio.add_file(f"{GUEST_MODULES}/{m.name}", m.read_bytes(), 0o644)
     for name in ("guest.py", "assay_vm_report.py"):
         cpio.add_file(f"opt/assay/guest/{name}", (GUEST_DIR / name).read_bytes(), 0o644)
     cpio.add_tree("opt/assay/pkg", wheel_dir, _not_marker)

@@ -348,7 +348,8 @@ def boot_row(row: Row, kernel: dict, rootfs: dict, wheel_dir: Path, deps_dir: Pa
     initrd = cache_dir("run") / f"{safe}.{os.getpid()}.initrd"
     try:
         make_initrd(Path(rootfs["path"]), initrd,
-                    lambda cpio: payload.write_payload(cpio, info, wheel_dir, deps_dir))
+                    lambda cpio: payload.write_payload(cpio, info, wheel_dir, deps_dir,
+                                                       [matrix.CACHE / m for m in kernel.get("modules", [])]))
         return boot(Path(kernel["path"]), initrd, row.lsm, logs / f"{safe}.console.log",
                     logs / f"{safe}.result", timeout, echo, row.arch)
     finally:

@@ -147,6 +147,28 @@ def test_release_from_member_path():
     assert fetch._release_from_path("usr/lib/modules/7.2.13+deb14-cloud-amd64/vmlinuz") == "7.2.13+deb14-cloud-amd64"
 
 
+def test_module_names_from_package_paths():
+    assert fetch._module_name("./lib/modules/6.1.0-57-cloud-amd64/kernel/net/sctp/sctp.ko") == "sctp"
+    assert fetch._module_name("usr/lib/modules/7.2/kernel/crypto/crc32c-cryptoapi.ko.xz") == "crc32c_cryptoapi"
+    assert fetch._module_name("usr/lib/modules/7.2/vmlinuz") is None
+    assert "sctp" in fetch.MODULES
+
+
+def test_a_kernel_record_without_its_modules_is_fetched_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(fetch, "CACHE", tmp_path)
+    monkeypatch.setattr(fetch, "kernel_record_path", lambda spec: tmp_path / "k.json")
+    (tmp_path / "vmlinuz").write_bytes(b"x" * 10)
+    (tmp_path / "sctp.ko").write_bytes(b"m")
+    rec = {"vmlinuz": "vmlinuz", "size": 10, "modules": ["sctp.ko"], "modules_wanted": list(fetch.MODULES)}
+    (tmp_path / "k.json").write_text(json.dumps(rec))
+    assert fetch.cached_kernel(None)["path"] == str(tmp_path / "vmlinuz")
+    (tmp_path / "sctp.ko").unlink()
+    assert fetch.cached_kernel(None) is None          # a module file went missing
+    rec.pop("modules_wanted")
+    (tmp_path / "k.json").write_text(json.dumps(rec))
+    assert fetch.cached_kernel(None) is None          # a record from before modules were fetched
+
+
 def _dist(target, name, version, requires=(), requires_python=None):
     d = target / f"{name}-{version}.dist-info"
     d.mkdir(parents=True)

@@ -139,6 +139,18 @@ int BPF_PROG(fmod_socket_sendmsg, struct socket *sock, struct msghdr *msg, int s
 	return decide_socket_sendmsg(sock, msg, ret);
 }
 
+ENFORCE_LSM(sctp_bind_connect)
+int BPF_PROG(lsm_sctp_bind_connect, struct sock *sk, int optname, struct sockaddr *address, int addrlen, int ret)
+{
+	return decide_sctp_connect(sk, optname, address, addrlen, ret);
+}
+
+ENFORCE_FMOD(sctp_bind_connect)
+int BPF_PROG(fmod_sctp_bind_connect, struct sock *sk, int optname, struct sockaddr *address, int addrlen, int ret)
+{
+	return decide_sctp_connect(sk, optname, address, addrlen, ret);
+}
+
 ENFORCE_LSM(socket_setsockopt)
 int BPF_PROG(lsm_socket_setsockopt, struct socket *sock, int level, int optname, int ret)
 {

@@ -217,11 +217,11 @@ static __always_inline void emit_net_block(struct assay_port_range *r, __u16 fam
 
 /* The net rules' verdict on one destination (a kernel copy of the caller's sockaddr), judged as
  * the kernel will use it. */
-static __always_inline int judge_net(struct assay_config *cfg, struct socket *sock, struct sockaddr *address,
+static __always_inline int judge_net(struct assay_config *cfg, struct sock *sk, struct sockaddr *address,
 				     __u16 op)
 {
 	__u16 family = BPF_CORE_READ(address, sa_family);
-	__u16 proto = BPF_CORE_READ(sock, sk, sk_protocol);
+	__u16 proto = BPF_CORE_READ(sk, sk_protocol);
 	struct assay_lpm4_key k4 = {.prefixlen = 32};
 	struct assay_lpm6_key k6 = {.prefixlen = 128};
 	struct assay_port_range *deny = NULL;
@@ -232,7 +232,7 @@ static __always_inline int judge_net(struct assay_config *cfg, struct socket *so
 	 * family is AF_UNSPEC as one of the socket's own family. (For connect(2), AF_UNSPEC means
 	 * disconnect: nothing to judge.) */
 	if (family == AF_UNSPEC && op == ASSAY_NET_OP_SENDMSG)
-		family = BPF_CORE_READ(sock, sk, __sk_common.skc_family);
+		family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	if (family == AF_INET) {
 		struct sockaddr_in *sin = (struct sockaddr_in *)address;
 		port = __builtin_bswap16(BPF_CORE_READ(sin, sin_port));
@@ -255,7 +255,7 @@ static __always_inline int judge_net(struct assay_config *cfg, struct socket *so
 	/* A wildcard destination (0.0.0.0, ::, ::ffff:0.0.0.0) reaches this very host: the socket's
 	 * bound address, or loopback (ip_route_output_key_hash_rcu, tcp_v6_connect). */
 	if (v4 && !k4.addr[0] && !k4.addr[1] && !k4.addr[2] && !k4.addr[3]) {
-		__u32 bound = BPF_CORE_READ(sock, sk, __sk_common.skc_rcv_saddr);
+		__u32 bound = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
 		if (bound)
 			__builtin_memcpy(k4.addr, &bound, 4);
 		else
@@ -364,7 +364,7 @@ static __always_inline int decide_socket_connect(struct socket *sock, struct soc
 		return ret;
 	if (!in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
 		return 0;
-	return judge_net(cfg, sock, address, ASSAY_NET_OP_CONNECT);
+	return judge_net(cfg, BPF_CORE_READ(sock, sk), address, ASSAY_NET_OP_CONNECT);
 }
 
 /* A destination given with the data never passes socket_connect: sendto/sendmsg on an
@@ -394,7 +394,68 @@ static __always_inline int decide_socket_sendmsg(struct socket *sock, struct msg
 	if (BPF_CORE_READ(sock, type) == SOCK_STREAM && (proto == IPPROTO_TCP || proto == IPPROTO_MPTCP) &&
 	    (!(BPF_CORE_READ(msg, msg_flags) & MSG_FASTOPEN) || BPF_CORE_READ(sock, state) != SS_UNCONNECTED))
 		return 0;
-	return judge_net(cfg, sock, address, ASSAY_NET_OP_SENDMSG);
+	return judge_net(cfg, BPF_CORE_READ(sock, sk), address, ASSAY_NET_OP_SENDMSG);
+}
+
+/* ---------------------------------------------------------------- SCTP
+ * SCTP reaches peers that socket_connect never sees: connectx (several addresses at once, the
+ * first of which connect(2) alone would show) and the implicit association of a one-to-many
+ * sendmsg, with more addresses in SCTP_DSTADDRV4/V6 control messages. The kernel hands every
+ * such address list to security_sctp_bind_connect, a kernel copy. */
+#define SCTP_SOCKOPT_CONNECTX_OLD 107
+#define SCTP_SOCKOPT_CONNECTX 110
+#define SCTP_SOCKOPT_CONNECTX3 111
+#define SCTP_SENDMSG_CONNECT 126
+#define ASSAY_SCTP_ADDRS 16
+
+/* One address of the list, judged on its own (a global function: verified once, not once per
+ * address). Returns the verdict, or 1 when the list cannot be walked further. */
+__noinline int assay_judge_sctp(__u64 sk, __u64 addr, __u32 left)
+{
+	struct assay_config *cfg = get_config();
+	__u16 family = 0;
+
+	if (!cfg)
+		return 0;
+	bpf_probe_read_kernel(&family, sizeof(family), (void *)addr);
+	if ((family == AF_INET && left < sizeof(struct sockaddr_in)) ||
+	    (family == AF_INET6 && left < sizeof(struct sockaddr_in6)) || (family != AF_INET && family != AF_INET6))
+		return 1;
+	return judge_net(cfg, (struct sock *)sk, (struct sockaddr *)addr, ASSAY_NET_OP_CONNECT);
+}
+
+/* sctp_bind_connect (lsm/sctp_bind_connect, fmod_ret/security_sctp_bind_connect): every peer
+ * address of a connectx or of a new association's sendmsg. Bind-side option names (local
+ * addresses) are not net_connect's business. */
+static __always_inline int decide_sctp_connect(struct sock *sk_typed, int optname, struct sockaddr *address_typed,
+					       int addrlen, int ret)
+{
+	struct assay_config *cfg;
+	__u64 sk = 0, addr = 0, off = 0;
+
+	if (ret || !(cfg = ENFORCING(c_->net_rules)))
+		return ret;
+	if (optname != SCTP_SOCKOPT_CONNECTX && optname != SCTP_SOCKOPT_CONNECTX_OLD &&
+	    optname != SCTP_SOCKOPT_CONNECTX3 && optname != SCTP_SENDMSG_CONNECT)
+		return 0;
+	if (!in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
+		return 0;
+	bpf_probe_read_kernel(&sk, sizeof(sk), &sk_typed);
+	bpf_probe_read_kernel(&addr, sizeof(addr), &address_typed);
+	for (int i = 0; i < ASSAY_SCTP_ADDRS; i++) {
+		if (off >= (__u64)addrlen)
+			return 0;
+		__u16 family = 0;
+		bpf_probe_read_kernel(&family, sizeof(family), (void *)(addr + off));
+		int v = assay_judge_sctp(sk, addr + off, addrlen - off);
+		if (v == 1)
+			return 0;   /* malformed: the kernel refuses the list itself (EINVAL) */
+		if (v)
+			return v;
+		off += family == AF_INET ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6);
+	}
+	/* more addresses than the walk reads: fail closed */
+	return off < (__u64)addrlen ? -EPERM : 0;
 }
 
 #endif /* __ASSAY_NET_BPF_H */

@@ -256,6 +256,65 @@ def test_6_a_file_replaced_at_a_protected_path_stays_protected(assay_cmd, tmp_pa
             ("exec_blocked", "tool", str(tool))} <= blocked
 
 
+# ------------------------------------------------------------------ 5: a disconnected dentry
+
+@pytest.fixture
+def ext4(tmp_path):
+    """A real ext4 on a loop device (dentries there can be dropped, unlike on the initramfs root)."""
+    import kmod
+    kmod.load("loop")
+    img, mnt = tmp_path / "fs.img", pathlib.Path(tempfile.mkdtemp(prefix="assay-ext4-"))
+    with open(img, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
+    dev = subprocess.run(["losetup", "--find", "--show", str(img)], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    subprocess.run(["mount", "-t", "ext4", dev, str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+BY_HANDLE = r'''
+import ctypes, json, os, struct, sys
+mnt, path = sys.argv[1], sys.argv[2]
+libc = ctypes.CDLL(None, use_errno=True)
+handle = ctypes.create_string_buffer(8 + 128)
+struct.pack_into("<Ii", handle, 0, 128, 0)
+mount_id = ctypes.c_int()
+if libc.name_to_handle_at(-100, path.encode(), handle, ctypes.byref(mount_id), 0) != 0:
+    raise OSError(ctypes.get_errno(), "name_to_handle_at")
+with open("/proc/sys/vm/drop_caches", "w") as f:
+    f.write("2")   # drop the dentries: the handle now gives an inode with no known parent
+mfd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+fd = libc.open_by_handle_at(mfd, handle, os.O_RDONLY)
+res = {"by_handle": "ok" if fd >= 0 else ctypes.get_errno()}
+try:
+    open(path).read(); res["by_path"] = "ok"
+except OSError as e:
+    res["by_path"] = e.errno
+print(json.dumps(res))
+'''
+
+
+def test_5_a_disconnected_dentry_denies_where_subtrees_live(assay_cmd, tmp_path, ext4):
+    """open_by_handle_at on a cold dentry cache returns a dentry with no parent: the subtree walk
+    cannot prove the file lies outside the rule, so on a filesystem holding a subtree rule it
+    denies (open_by_handle_at needs CAP_DAC_READ_SEARCH: root only)."""
+    tree = ext4 / "tree"
+    tree.mkdir()
+    (tree / "secret").write_text("secret")
+    pol = policy(tmp_path, file_rule("tree", [f"{tree}/**"]))
+    p, evs = monitor(assay_cmd, tmp_path, pol, [PY, "-c", BY_HANDLE, str(ext4), str(tree / "secret")])
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == {"by_handle": 1, "by_path": 1}
+    assert any(e["type"] == "file_blocked" and e["rule"] == "builtin:unprovable-path" for e in evs)
+    summary = json.loads(next(line for line in p.stderr.splitlines() if line.startswith('{"summary"')))["summary"]
+    assert summary["lost"].get("disconnected", 0) >= 1
+
+
 # ------------------------------------------------------------------ 7: exec through the loader, copies
 
 def loader():
@@ -370,6 +429,85 @@ def test_8_9_10_unspec_wildcard_and_source_routes(assay_cmd, tmp_path, servers, 
     blocked = [e for e in evs if e["type"] == "net_blocked"]
     assert {"127.0.0.53"} <= {e["addr"] for e in blocked}
     assert sum(1 for e in blocked if e["op"] == "source_route" and e["rule"] == "builtin:source-route") >= 2
+
+
+# ------------------------------------------------------------------ 10: SCTP
+
+SCTP = r'''
+import json, socket, struct
+res = {}
+IPPROTO_SCTP, SOL_SCTP, CONNECTX = 132, 132, 110
+def sin(host, port):
+    return struct.pack("<HH4s8x", socket.AF_INET, socket.htons(port), socket.inet_aton(host))
+def attempt(name, fn):
+    try:
+        fn(); res[name] = "ok"
+    except OSError as e:
+        res[name] = "EPERM" if e.errno == 1 else "errno %d" % e.errno
+def connectx(*addrs):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_SCTP)
+    try:
+        s.setsockopt(SOL_SCTP, CONNECTX, b"".join(addrs))
+    finally:
+        s.close()
+def one_to_many(port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_SEQPACKET, IPPROTO_SCTP)
+    try:
+        s.sendto(b"x", ("127.0.0.1", port))
+    finally:
+        s.close()
+def one_to_one(port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_SCTP)
+    try:
+        s.sendto(b"x", ("127.0.0.1", port))
+    finally:
+        s.close()
+attempt("connectx", lambda: connectx(sin("127.0.0.1", DENIED)))
+attempt("connectx_second", lambda: connectx(sin("127.0.0.1", ALLOWED), sin("127.0.0.1", DENIED)))
+attempt("one_to_many", lambda: one_to_many(DENIED))
+attempt("one_to_one_send", lambda: one_to_one(DENIED))
+attempt("allowed", lambda: connectx(sin("127.0.0.1", ALLOWED)))
+print(json.dumps(res))
+'''
+
+
+@pytest.fixture
+def sctp_servers():
+    """SCTP listeners on loopback (the module comes from the row's kernel package)."""
+    import kmod
+    for dep in ("crc32c_intel", "crc32c_cryptoapi"):  # libcrc32c's crypto provider, where one is a module
+        try:
+            kmod.load(dep)
+        except OSError:
+            pass
+    kmod.load("sctp")
+    loopback_up()
+    socks, ports = [], {}
+    for name in ("denied", "allowed"):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 132)
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        socks.append(s)
+        ports[name] = s.getsockname()[1]
+    yield ports
+    for s in socks:
+        s.close()
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_10_sctp_connectx_and_sends_are_judged(assay_cmd, tmp_path, sctp_servers, user):
+    """SCTP reaches peers socket_connect never sees: connectx with a list of addresses (a denied
+    one anywhere in it), and the implicit association of a send; every one is judged."""
+    d, a = sctp_servers["denied"], sctp_servers["allowed"]
+    rules = ("    - id: local\n      type: net_connect\n"
+             f"      match: {{ dest_globs: ['127.0.0.1:{d}'] }}\n      action: deny\n")
+    code = SCTP.replace("DENIED", str(d)).replace("ALLOWED", str(a))
+    p, evs = monitor(assay_cmd, tmp_path, policy(tmp_path, rules), as_user(user, code))
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == {"connectx": "EPERM", "connectx_second": "EPERM", "one_to_many": "EPERM",
+                                    "one_to_one_send": "EPERM", "allowed": "ok"}
+    blocked = [e for e in evs if e["type"] == "net_blocked" and e["rule"] == "local"]
+    assert len(blocked) >= 4 and {e["port"] for e in blocked} == {d} and {e["protocol"] for e in blocked} == {"sctp"}
 
 
 # ------------------------------------------------------------------ 11: --pid scan race

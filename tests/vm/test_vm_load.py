@@ -64,7 +64,7 @@ def test_every_program_of_a_backend_loads_and_attaches(name, expected_enforcer, 
         assert attached == wanted - ABSENT[os.uname().machine]
         hooks = {"file_open", "bprm_check_security" if name == "lsm" else "bprm_check", "mmap_file",
                  "file_mprotect", "inode_rename", "inode_link", "socket_connect", "socket_sendmsg",
-                 "socket_setsockopt", "task_alloc"}
+                 "socket_setsockopt", "task_alloc", "sctp_bind_connect"}
         assert {obj.programs[n].section.split("/")[-1].replace("security_", "") for n in b.programs(obj)} == hooks
 
 
