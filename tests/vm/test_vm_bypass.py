@@ -450,22 +450,16 @@ def connectx(*addrs):
         s.setsockopt(SOL_SCTP, CONNECTX, b"".join(addrs))
     finally:
         s.close()
-def one_to_many(port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_SEQPACKET, IPPROTO_SCTP)
-    try:
-        s.sendto(b"x", ("127.0.0.1", port))
-    finally:
-        s.close()
-def one_to_one(port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_SCTP)
+def send(kind, port):  # SOCK_SEQPACKET: one-to-many, SOCK_STREAM: one-to-one
+    s = socket.socket(socket.AF_INET, kind, IPPROTO_SCTP)
     try:
         s.sendto(b"x", ("127.0.0.1", port))
     finally:
         s.close()
 attempt("connectx", lambda: connectx(sin("127.0.0.1", DENIED)))
 attempt("connectx_second", lambda: connectx(sin("127.0.0.1", ALLOWED), sin("127.0.0.1", DENIED)))
-attempt("one_to_many", lambda: one_to_many(DENIED))
-attempt("one_to_one_send", lambda: one_to_one(DENIED))
+attempt("one_to_many", lambda: send(socket.SOCK_SEQPACKET, DENIED))
+attempt("one_to_one_send", lambda: send(socket.SOCK_STREAM, DENIED))
 attempt("allowed", lambda: connectx(sin("127.0.0.1", ALLOWED)))
 print(json.dumps(res))
 '''
