@@ -17,7 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from assay import abi, events, libbpf, system  # noqa: E402
+from assay import abi, enforcers, events, libbpf, system  # noqa: E402
 from assay.bpf import Object, RingBuffer  # noqa: E402
 from assay.monitor import default_object_path  # noqa: E402
 
@@ -65,7 +65,7 @@ def main() -> int:
     rates = {"empty_callback": [], "decode": [], "decode_json": []}
     with Object(default_object_path()) as obj:
         for p in obj.programs.values():
-            p.autoload = not p.is_lsm
+            p.autoload = not enforcers.is_enforcing(p)
         obj.maps["events"].set_max_entries(256 << 20)
         obj.load()
         cfg = abi.Config(monitor_tgid=os.getpid(), event_mask=1 << int(abi.EventType.OPEN))

@@ -8,6 +8,6 @@ from assay.learning.recorder import RunRecorder
 from assay.learning.generalisation import generalise
 from assay.learning.profile import (Entry, FingerprintMismatch, Profile, RunInfo, UpdateResult, dump_profile,
                                     load_profile, merge_run, parse_profile, profile_init, profile_update)
-from assay.learning.gate import runs_needed, score, wilson_lower_bound
-from assay.learning.generate import gate, generate
+from assay.learning.gate import Decision, gate, runs_needed, score, wilson_lower_bound
+from assay.learning.generate import generate
 from assay.learning.show import show_profile

@@ -4,26 +4,14 @@ The loop is record (RunRecorder) -> profile_update (merge) -> generate (Wilson g
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import attrs
 
 from assay.errors import AssayError, UsageError
 from assay.learning.constants import BUCKETS, CLASSES, FILE_OPEN, MODES, NET_CONNECT, PATH_CLASSES, PROC_EXEC
-from assay.learning.gate import runs_needed, score
-from assay.learning.generalisation import is_relative
-from assay.learning.profile import Entry, Profile
-
-
-@attrs.frozen
-class Decision:
-    kind: str
-    value: str
-    bucket: str             # allow | needs_review | deny | skipped
-    score: float
-    runs_seen: int
-    total_runs: int
-    reason: str
+from assay.learning.gate import Decision, gate, runs_needed, score
+from assay.learning.profile import Profile
 
 
 @attrs.frozen
@@ -50,43 +38,6 @@ class GenerateReport:
                              f"  ({d.reason})")
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
-
-
-def gate(entry: Entry, total_runs: int, min_stability: float = 0.7, review_threshold: float = 0.6,
-         min_runs: int = 1, new_is_risky: bool = False, z: float = 1.96) -> Decision:
-    s = score(entry.runs_seen, total_runs, z)
-
-    def d(bucket: str, reason: str) -> Decision:
-        return Decision(entry.kind, entry.value, bucket, s, entry.runs_seen, total_runs, reason)
-
-    if total_runs < min_runs:
-        if new_is_risky:
-            return d("needs_review", f"only {total_runs} runs < min-runs {min_runs} (--new-is-risky)")
-        return d("skipped", f"only {total_runs} runs < min-runs {min_runs}")
-    if is_relative(entry.kind, entry.value):
-        return d("needs_review", "relative path: the working directory was unknown when recorded")
-    why = unexpressible(entry.kind, entry.value)
-    if why:
-        return d("needs_review", f"cannot be written as a policy glob: {why}")
-    if s >= min_stability:
-        return d("allow", f"wilson {s:.2f} >= {min_stability}")
-    if s >= review_threshold:
-        return d("needs_review", f"{review_threshold} <= wilson {s:.2f} < {min_stability}")
-    return d("deny", f"wilson {s:.2f} < {review_threshold}")
-
-
-def unexpressible(kind: str, value: str) -> Optional[str]:
-    """Why the policy loader would refuse VALUE as an allowed item (e.g. a file name with '*'), or None."""
-    from assay.policy import parse_dest, parse_path_glob   # the loader is the one judge of its grammar
-
-    try:
-        if kind == NET_CONNECT:
-            parse_dest(value)
-        else:
-            parse_path_glob(value)
-    except ValueError as e:
-        return str(e)
-    return None
 
 
 def _yq(s: str) -> str:
