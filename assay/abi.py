@@ -32,6 +32,14 @@ class EventType(enum.IntEnum):
     FILE_BLOCKED = 6
     NET_BLOCKED = 7
     EXEC_BLOCKED = 8
+    TAMPER_BLOCKED = 9
+
+
+class Tamper(enum.IntEnum):
+    BPF_MAP = 1
+    BPF_PROG = 2
+    SIGNAL = 3
+    PTRACE = 4
 
 
 class Action(enum.IntEnum):
@@ -72,13 +80,15 @@ ENUMS = {
     "assay_counter": (Counter, "ASSAY_CNT_"),
     "assay_open_syscall": (OpenSyscall, "ASSAY_SYS_"),
     "assay_net_op": (NetOp, "ASSAY_NET_OP_"),
+    "assay_tamper": (Tamper, "ASSAY_TAMPER_"),
 }
 
 
 class Config(ctypes.Structure):
     _fields_ = [("scope_all", u32), ("scope_cgroup", u32), ("cgroup_id", u64),
                 ("monitor_tgid", u32), ("event_mask", u32), ("enforce", u32), ("file_rules", u32),
-                ("exec_rules", u32), ("net_rules", u32), ("scope_limit", u32), ("scope_user", s32)]
+                ("exec_rules", u32), ("net_rules", u32), ("scope_limit", u32), ("scope_user", s32),
+                ("protect", u32), ("watchdog_tgid", u32)]
 
 
 class Lpm4Key(ctypes.Structure):
@@ -147,6 +157,15 @@ class NetBlockEvent(ctypes.Structure):
                 ("port", u16), ("protocol", u16), ("op", u16), ("addr", u8 * 16)]
 
 
+class TamperEvent(ctypes.Structure):
+    _fields_ = [("hdr", EventHeader), ("what", u32), ("target", u32), ("arg", u32), ("_pad", u32)]
+
+
+def own_key(kind: Tamper, obj_id: int) -> int:
+    """ASSAY_OWN_KEY: a key of the own_objects map."""
+    return (int(kind) << 32) | obj_id
+
+
 # C struct name -> mirror
 STRUCTS = {
     "assay_config": Config,
@@ -165,6 +184,7 @@ STRUCTS = {
     "assay_connect_event": ConnectEvent,
     "assay_block_event": BlockEvent,
     "assay_net_block_event": NetBlockEvent,
+    "assay_tamper_event": TamperEvent,
 }
 
 EVENT_STRUCTS = {
@@ -176,6 +196,7 @@ EVENT_STRUCTS = {
     EventType.FILE_BLOCKED: BlockEvent,
     EventType.NET_BLOCKED: NetBlockEvent,
     EventType.EXEC_BLOCKED: BlockEvent,
+    EventType.TAMPER_BLOCKED: TamperEvent,
 }
 
 _FMT = {u8: "B", u16: "H", u32: "I", u64: "Q", s32: "i", s64: "q"}

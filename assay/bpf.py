@@ -106,15 +106,22 @@ class Program:
     def fd(self) -> int:
         return lib().bpf_program__fd(self._ptr)
 
-    def recursion_misses(self) -> int:
-        """Runs the kernel skipped because this program was already running on that CPU (a
-        trampoline program whose task was preempted inside it): for fmod_ret, a decision not made."""
+    def _prog_info(self) -> libbpf.BpfProgInfo:
         info = libbpf.BpfProgInfo()
         size = ctypes.c_uint32(ctypes.sizeof(info))
         err = libbpf.int_error(lib().bpf_obj_get_info_by_fd(self.fd, ctypes.byref(info), ctypes.byref(size)))
         if err:
             raise BpfError(f"program {self.name}: get info failed: {lib().strerror(err)}")
-        return int(info.recursion_misses)
+        return info
+
+    @property
+    def id(self) -> int:
+        return int(self._prog_info().id)
+
+    def recursion_misses(self) -> int:
+        """Runs the kernel skipped because this program was already running on that CPU (a
+        trampoline program whose task was preempted inside it): for fmod_ret, a decision not made."""
+        return int(self._prog_info().recursion_misses)
 
     def attach(self) -> Link:
         ptr = lib().bpf_program__attach(self._ptr)

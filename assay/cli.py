@@ -54,6 +54,8 @@ def monitor(
                                                                "get SIGTERM, then SIGKILL after this long."),
     max_scope: int = typer.Option(65536, "--max-scope", help="Processes and threads the scope map holds; "
                                                              "once full, forks in the scope are refused."),
+    no_protect: bool = typer.Option(False, "--no-protect", help="Let the scope signal, trace or take the BPF "
+                                                                "objects of the monitor (docs/hardening.md)."),
     command: List[str] = typer.Argument(None, metavar="[-- COMMAND [ARGS]...]"),
 ) -> None:
     """Stream the events of a process tree, a cgroup, or a command started in scope."""
@@ -75,7 +77,8 @@ def monitor(
     opts = MonitorOptions(policy=pol, scope=Scope(pids=tuple(pid), cgroup=cgroup, all=all_), command=tuple(command or ()),
                           duration=parse_duration(duration) if duration else None, fmt=fmt, output=output_path,
                           ebpf=ebpf, ringbuf_size=ringbuf_size, enforcer=enforcer, wait_all=wait_all,
-                          scope_grace=parse_duration(scope_grace), max_scope=max_scope)
+                          scope_grace=parse_duration(scope_grace), max_scope=max_scope,
+                          protect=not no_protect)
     recorder = None
     if record:
         from assay import learning

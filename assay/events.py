@@ -7,6 +7,7 @@ import ipaddress
 import json
 import os
 import re
+import signal
 import struct
 import time
 from typing import Callable, Dict, Mapping, Optional
@@ -19,6 +20,7 @@ ACTION_NAMES = {a: a.name.lower() for a in abi.Action}
 FAMILIES = {2: "inet", 10: "inet6"}
 PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 262: "mptcp"}
 NET_OPS = {o: o.name.lower() for o in abi.NetOp}
+TAMPER = {t: t.name.lower() for t in abi.Tamper}
 SYSCALLS = {0: "openat", 1: "openat2", 2: "open"}
 BUILTIN_SOURCE_ROUTE = "builtin:source-route"
 BUILTIN_UNPROVABLE = "builtin:unprovable-path"
@@ -92,7 +94,7 @@ class Decoder:
             EventType.EXEC: self._exec, EventType.EXIT: self._exit, EventType.FORK: self._fork,
             EventType.OPEN: self._open, EventType.CONNECT: self._connect,
             EventType.FILE_BLOCKED: self._block, EventType.EXEC_BLOCKED: self._block,
-            EventType.NET_BLOCKED: self._net_block,
+            EventType.NET_BLOCKED: self._net_block, EventType.TAMPER_BLOCKED: self._tamper,
         }
 
     def timestamp(self, ts_ns: int) -> str:
@@ -175,6 +177,28 @@ class Decoder:
                   protocol=PROTOCOLS.get(proto, str(proto)), op=NET_OPS.get(op, str(op)))
 
 
+    def _tamper(self, typ, data, ev):
+        what, target, arg, _ = self._fields(typ, data)
+        ev["what"] = TAMPER.get(what, str(what))
+        if what in (abi.Tamper.BPF_MAP, abi.Tamper.BPF_PROG):
+            ev["id"] = target
+        else:
+            ev["target_pid"] = target
+        if what == abi.Tamper.SIGNAL:
+            ev["signal"] = _signame(arg)
+        elif what == abi.Tamper.PTRACE:
+            ev["mode"] = arg
+        if self.enforcer:
+            ev["enforcer"] = self.enforcer
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return str(sig)
+
+
 def to_json(ev: dict) -> str:
     return json.dumps(ev, separators=(",", ":"))
 
@@ -213,6 +237,10 @@ def to_text(ev: dict) -> str:
         verb = "BLOCKED" if t.endswith("blocked") else "ALERT"
         return (f"{who} {verb} {ev.get('op', 'connect').upper()} {_host_port(ev)} "
                 f"rule={ev['rule']} action={ev['action']}{_via(ev)}")
+    if t == "tamper_blocked":
+        target = f"id {ev['id']}" if "id" in ev else f"pid {ev['target_pid']}"
+        extra = f" {ev['signal']}" if "signal" in ev else ""
+        return f"{who} BLOCKED TAMPER {ev['what']}{extra} -> {target}{_via(ev)}"
     if t == "process_killed":
         return f"{who} KILLED with {ev['signal']} rule={ev['rule']}"
     return f"{who} {t}"

@@ -5,6 +5,7 @@ import collections
 import ctypes
 import os
 import signal
+import struct
 import time
 from importlib import resources
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -61,6 +62,7 @@ class MonitorOptions:
     wait_all: bool = False            # after the command exits, wait for the rest of its scope
     scope_grace: float = 3.0          # otherwise: SIGTERM it, and SIGKILL after this many seconds
     max_scope: int = DEFAULT_MAX_SCOPE  # scope_pids capacity (processes and threads of the scope)
+    protect: bool = True              # self-protection while a policy enforces (--no-protect)
 
 
 @attrs.define
@@ -210,7 +212,7 @@ class Monitor:
                 obj.close()
                 raise
         else:
-            obj, self.backend, passed_over = enforcers.choose(self.opts.enforcer, open_object)
+            obj, self.backend, passed_over = enforcers.choose(self.opts.enforcer, open_object, self.hooks())
             self.decoder.enforcer = self.summary.enforcer = self.backend.name
             why = f" ({'; '.join(passed_over)})" if passed_over else ""
             output.say(f"assay: enforcing via {self.backend.name}{why}")
@@ -220,6 +222,15 @@ class Monitor:
                            "fmod_ret decision; skipped ones are counted (decisions_skipped). See docs/enforcers.md")
         self.obj = obj
         return obj
+
+    def hooks(self) -> set:
+        """The decisions this run needs (the others are not loaded: start-up is verification)."""
+        kinds = [k for k, bits in (("file", self.plan.rule_bits("file") if self.plan else 0),
+                                   ("exec", self.plan.rule_bits("exec") if self.plan else 0),
+                                   ("net", self.net_plan.bits if self.net_plan else 0)) if bits]
+        if self.opts.protect:
+            kinds.append("protect")
+        return enforcers.needed_hooks(kinds)
 
     def prepare_policy(self) -> None:
         """Resolves rules to inodes before anything is loaded: a bad rule costs nothing (exit 1)."""
@@ -244,6 +255,9 @@ class Monitor:
         cfg.event_mask = sum(1 << int(t) for t in self.opts.events)
         cfg.enforce = int(self.enforce)
         cfg.scope_limit = scope_limit(self.opts.max_scope)
+        cfg.protect = int(self.enforce and self.opts.protect)
+        if cfg.protect:
+            self.register_own_objects()
         if self.plan is not None:
             enforce.apply(self.plan, self.obj.maps)
             enforce.apply_net(self.net_plan, self.obj.maps)
@@ -254,6 +268,18 @@ class Monitor:
             extra(cfg)
         self._cfg = cfg
         self.obj.maps["assay_config"].update(ctypes.c_uint32(0), cfg)
+
+    def register_own_objects(self) -> None:
+        """Every map and loaded program of this object, for the tamper decisions."""
+        one = struct.pack("<I", 1)
+        keys = [abi.own_key(abi.Tamper.BPF_MAP, m.info.id) for m in self.obj.maps.values()]
+        keys += [abi.own_key(abi.Tamper.BPF_PROG, p.id) for p in self.obj.programs.values() if p.fd >= 0]
+        self.obj.maps["own_objects"].update_many([(struct.pack("<Q", k), one) for k in keys])
+
+    def set_watchdog(self, pid: int) -> None:
+        if self._cfg is not None:
+            self._cfg.watchdog_tgid = pid
+            self.obj.maps["assay_config"].update(ctypes.c_uint32(0), self._cfg)
 
     def add_pid(self, pid: int) -> None:
         if self.obj.maps["scope_pids"].insert(ctypes.c_uint32(pid), ctypes.c_uint32(1)) and self._cfg is not None:
@@ -381,6 +407,7 @@ class Monitor:
                      enforcer=self.backend.name if self.backend else None)
             if opts.command:
                 watchdog = reaper.Watchdog(self.scope_members)
+                self.set_watchdog(watchdog.pid)
                 self._child = spawn.spawn_in_scope(opts.command, self.add_pid)
             deadline = start + opts.duration if opts.duration else None
             stop_at = None

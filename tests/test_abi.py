@@ -62,3 +62,20 @@ def test_net_block_record_decodes_with_its_operation(op, family, raw, addr, verb
     assert out["type"] == "net_blocked" and out["op"] == op.name.lower()
     assert (out["addr"], out["port"], out["protocol"], out["rule"]) == (addr, 53, "udp", "no-dns")
     assert f"BLOCKED {verb} rule=no-dns" in events.to_text(out)
+
+
+@pytest.mark.parametrize("what,target,arg,fields,text", [
+    (abi.Tamper.BPF_MAP, 17, 0, {"what": "bpf_map", "id": 17}, "TAMPER bpf_map -> id 17"),
+    (abi.Tamper.SIGNAL, 99, 9, {"what": "signal", "target_pid": 99, "signal": "SIGKILL"},
+     "TAMPER signal SIGKILL -> pid 99"),
+    (abi.Tamper.PTRACE, 99, 0x12, {"what": "ptrace", "target_pid": 99, "mode": 0x12}, "TAMPER ptrace -> pid 99"),
+])
+def test_tamper_record_decodes(what, target, arg, fields, text):
+    ev = abi.TamperEvent(what=int(what), target=target, arg=arg)
+    ev.hdr.type = int(abi.EventType.TAMPER_BLOCKED)
+    d = events.Decoder()
+    d.enforcer = "lsm"
+    out = d.decode(bytes(ev))
+    assert out["type"] == "tamper_blocked" and out["enforcer"] == "lsm"
+    assert {k: out[k] for k in fields} == fields
+    assert text in events.to_text(out)

@@ -223,3 +223,19 @@ def test_scope_limit_keeps_a_reserve():
     from assay.monitor import scope_limit
     assert scope_limit(64) == 48 and scope_limit(65536) == 65536 - 1024
     assert all(0 < scope_limit(n) < n for n in (64, 100, 4096, 1 << 22))
+
+
+def test_every_decision_belongs_to_a_kind_of_rule(obj_path):
+    """A run loads only the decisions its policy needs: a decision missing from HOOKS_FOR would
+    never load, so every one of the object's must be in it, for both backends."""
+    from assay import enforcers
+    from assay.bpf import Object
+    with Object(obj_path) as obj:
+        progs = [p for p in obj.programs.values() if enforcers.is_enforcing(p)]
+        for b in enforcers.BACKENDS:
+            hooks = {enforcers.hook_of(p) for p in progs if b.owns(p)}
+            assert hooks == set().union(*enforcers.HOOKS_FOR.values()), b.name
+        enforcers.select_programs(obj, enforcers.BACKENDS[1], enforcers.needed_hooks(["net"]))
+        loaded = {p.name for p in progs if p.autoload}
+    assert loaded == {"fmod_task_alloc", "fmod_socket_connect", "fmod_socket_sendmsg", "fmod_socket_setsockopt",
+                      "fmod_sctp_bind_connect"}

@@ -1,7 +1,7 @@
 """Enforcement backends behind one interface (base.Backend), and the choice among them."""
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Set, Tuple
 
 from assay.enforcers import fmod_ret, lsm
 from assay.enforcers.base import Backend
@@ -25,28 +25,50 @@ def is_enforcing(program) -> bool:
     return any(b.owns(program) for b in BACKENDS)
 
 
-def select_programs(obj, backend: Optional[Backend]) -> None:
-    """Loads the event programs plus only `backend`'s decision programs (none for None)."""
+# The decisions each kind of rule needs, by hook (a program's name without its lsm_/fmod_ prefix).
+# The scope's fork check is always needed; self-protection's while it is on.
+HOOKS_FOR = {
+    "file": {"file_open", "inode_rename", "inode_link"},
+    "exec": {"bprm_check", "mmap_file", "file_mprotect", "inode_rename", "inode_link"},
+    "net": {"socket_connect", "socket_sendmsg", "socket_setsockopt", "sctp_bind_connect"},
+    "scope": {"task_alloc"},
+    "protect": {"bpf_map", "bpf_prog", "task_kill", "ptrace_access_check"},
+}
+
+
+def hook_of(program) -> str:
+    return program.name.split("_", 1)[1]
+
+
+def needed_hooks(kinds: Iterable[str]) -> Set[str]:
+    """The hooks a policy with these kinds of rules (file, exec, net, protect) needs."""
+    return set().union(HOOKS_FOR["scope"], *(HOOKS_FOR[k] for k in kinds))
+
+
+def select_programs(obj, backend: Optional[Backend], hooks: Optional[Set[str]] = None) -> None:
+    """Loads the event programs plus `backend`'s decision programs (none for None), only those
+    for `hooks` when given: each decision not loaded is one the verifier need not check."""
     for p in obj.programs.values():
         if is_enforcing(p):
-            p.autoload = backend is not None and backend.owns(p)
+            p.autoload = backend is not None and backend.owns(p) and (hooks is None or hook_of(p) in hooks)
 
 
-def load_and_attach(open_object: Callable[[], object], backend: Backend):
+def load_and_attach(open_object: Callable[[], object], backend: Backend, hooks: Optional[Set[str]] = None):
     """Opens a fresh object with `backend`'s programs, loads it and attaches them. The decisions
     do nothing until the config map says so, so attaching before configuring is harmless."""
     obj = open_object()
     try:
-        select_programs(obj, backend)
+        select_programs(obj, backend, hooks)
         obj.load()
-        obj.attach(backend.programs(obj))
+        obj.attach([p.name for p in obj.programs.values() if backend.owns(p) and p.autoload])
     except BaseException:
         obj.close()
         raise
     return obj
 
 
-def choose(choice: str, open_object: Callable[[], object]) -> Tuple[object, Backend, List[str]]:
+def choose(choice: str, open_object: Callable[[], object],
+           hooks: Optional[Set[str]] = None) -> Tuple[object, Backend, List[str]]:
     """The first backend of `choice` whose programs load and attach here, its loaded object, and
     why each one tried before it could not be used. Raises BpfError (exit 40) with one line per
     backend when none works: a policy is never left unenforced."""
@@ -55,7 +77,7 @@ def choose(choice: str, open_object: Callable[[], object]) -> Tuple[object, Back
         why = b.precheck()
         if why is None:
             try:
-                return load_and_attach(open_object, b), b, reasons
+                return load_and_attach(open_object, b, hooks), b, reasons
             except BpfError as e:
                 why = str(e)
         reasons.append(f"{b.name}: {why}")

@@ -12,6 +12,7 @@
 #include "file.bpf.h"
 #include "exec.bpf.h"
 #include "net.bpf.h"
+#include "protect.bpf.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -161,4 +162,54 @@ ENFORCE_FMOD(socket_setsockopt)
 int BPF_PROG(fmod_socket_setsockopt, struct socket *sock, int level, int optname, int ret)
 {
 	return decide_socket_setsockopt(sock, level, optname, ret);
+}
+
+ENFORCE_LSM(bpf_map)
+int BPF_PROG(lsm_bpf_map, struct bpf_map *map, fmode_t fmode, int ret)
+{
+	return decide_bpf_map(map, ret);
+}
+
+ENFORCE_FMOD(bpf_map)
+int BPF_PROG(fmod_bpf_map, struct bpf_map *map, fmode_t fmode, int ret)
+{
+	return decide_bpf_map(map, ret);
+}
+
+ENFORCE_LSM(bpf_prog)
+int BPF_PROG(lsm_bpf_prog, struct bpf_prog *prog, int ret)
+{
+	return decide_bpf_prog(prog, ret);
+}
+
+ENFORCE_FMOD(bpf_prog)
+int BPF_PROG(fmod_bpf_prog, struct bpf_prog *prog, int ret)
+{
+	return decide_bpf_prog(prog, ret);
+}
+
+ENFORCE_LSM(task_kill)
+int BPF_PROG(lsm_task_kill, struct task_struct *p, struct kernel_siginfo *info, int sig, const struct cred *cred,
+	     int ret)
+{
+	return decide_task_kill(p, sig, ret);
+}
+
+ENFORCE_FMOD(task_kill)
+int BPF_PROG(fmod_task_kill, struct task_struct *p, struct kernel_siginfo *info, int sig, const struct cred *cred,
+	     int ret)
+{
+	return decide_task_kill(p, sig, ret);
+}
+
+ENFORCE_LSM(ptrace_access_check)
+int BPF_PROG(lsm_ptrace_access_check, struct task_struct *child, unsigned int mode, int ret)
+{
+	return decide_ptrace(child, mode, ret);
+}
+
+ENFORCE_FMOD(ptrace_access_check)
+int BPF_PROG(fmod_ptrace_access_check, struct task_struct *child, unsigned int mode, int ret)
+{
+	return decide_ptrace(child, mode, ret);
 }

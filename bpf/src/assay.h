@@ -23,6 +23,15 @@ enum assay_event_type {
 	ASSAY_EV_FILE_BLOCKED = 6,
 	ASSAY_EV_NET_BLOCKED = 7,
 	ASSAY_EV_EXEC_BLOCKED = 8,
+	ASSAY_EV_TAMPER_BLOCKED = 9,
+};
+
+/* What a tamper_blocked event refused (self-protection). */
+enum assay_tamper {
+	ASSAY_TAMPER_BPF_MAP = 1,    /* an fd of one of the monitor's maps (BPF_MAP_GET_FD_BY_ID, ...) */
+	ASSAY_TAMPER_BPF_PROG = 2,   /* an fd of one of the monitor's programs */
+	ASSAY_TAMPER_SIGNAL = 3,     /* a signal to the monitor or its watchdog */
+	ASSAY_TAMPER_PTRACE = 4,     /* ptrace, /proc/PID/mem, process_vm_*, pidfd_getfd on them */
 };
 
 enum assay_action {
@@ -75,7 +84,12 @@ struct assay_config {
 	__u32 net_rules;      /* ASSAY_NET_* bits */
 	__u32 scope_limit;    /* forks in a map-tracked scope are refused once scope_pids holds this many */
 	__s32 scope_user;     /* entries userspace wrote into scope_pids (the kernel counts its own) */
+	__u32 protect;        /* self-protection: the scope may not touch the monitor (tamper decisions) */
+	__u32 watchdog_tgid;  /* the monitor's watchdog, protected like the monitor */
 };
+
+/* Keys of the own_objects map: which BPF objects are the monitor's. */
+#define ASSAY_OWN_KEY(kind, id) (((__u64)(kind) << 32) | (id))
 
 #define ASSAY_NET_DENY4 1
 #define ASSAY_NET_DENY6 2
@@ -202,6 +216,14 @@ struct assay_block_event {
 	__u32 path_len;
 	__u32 _pad;
 	char path[ASSAY_PATH_MAX];
+};
+
+struct assay_tamper_event {
+	struct assay_event_header hdr;
+	__u32 what;           /* enum assay_tamper */
+	__u32 target;         /* map or program id, or the target's pid */
+	__u32 arg;            /* the signal, or the ptrace mode */
+	__u32 _pad;
 };
 
 struct assay_net_block_event {

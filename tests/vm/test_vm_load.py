@@ -64,7 +64,8 @@ def test_every_program_of_a_backend_loads_and_attaches(name, expected_enforcer, 
         assert attached == wanted - ABSENT[os.uname().machine]
         hooks = {"file_open", "bprm_check_security" if name == "lsm" else "bprm_check", "mmap_file",
                  "file_mprotect", "inode_rename", "inode_link", "socket_connect", "socket_sendmsg",
-                 "socket_setsockopt", "task_alloc", "sctp_bind_connect"}
+                 "socket_setsockopt", "task_alloc", "sctp_bind_connect", "bpf_map", "bpf_prog", "task_kill",
+                 "ptrace_access_check"}
         assert {obj.programs[n].section.split("/")[-1].replace("security_", "") for n in b.programs(obj)} == hooks
 
 
