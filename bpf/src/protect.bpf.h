@@ -64,23 +64,26 @@ static __always_inline bool is_monitor(struct assay_config *cfg, struct task_str
 }
 
 /* task_kill: no signal from the scope reaches the monitor or its watchdog (signal 0, which only
- * asks whether the process exists, is let through). */
+ * asks whether the process exists, is let through). With --all the scope is everyone, the
+ * operator and the service manager too, and they must be able to stop the monitor: there only
+ * its BPF objects are guarded. */
 static __always_inline int decide_task_kill(struct task_struct *p, int sig, int ret)
 {
 	struct assay_config *cfg;
 
-	if (ret || !sig || !(cfg = protecting()) || !is_monitor(cfg, p))
+	if (ret || !sig || !(cfg = protecting()) || cfg->scope_all || !is_monitor(cfg, p))
 		return ret;
 	return refuse_tamper(ASSAY_TAMPER_SIGNAL, BPF_CORE_READ(p, tgid), sig);
 }
 
 /* ptrace_access_check: attaching, and what needs attach rights (/proc/PID/mem, process_vm_readv
- * and _writev, pidfd_getfd); reading /proc/PID/stat and the like stays allowed. */
+ * and _writev, pidfd_getfd); reading /proc/PID/stat and the like stays allowed. Not with --all
+ * (see task_kill). */
 static __always_inline int decide_ptrace(struct task_struct *child, unsigned int mode, int ret)
 {
 	struct assay_config *cfg;
 
-	if (ret || !(mode & PTRACE_MODE_ATTACH) || !(cfg = protecting()) || !is_monitor(cfg, child))
+	if (ret || !(mode & PTRACE_MODE_ATTACH) || !(cfg = protecting()) || cfg->scope_all || !is_monitor(cfg, child))
 		return ret;
 	return refuse_tamper(ASSAY_TAMPER_PTRACE, BPF_CORE_READ(child, tgid), mode);
 }
