@@ -74,6 +74,7 @@ demo: deps wheel
 
 bench: deps bpf
 	$(VPY) bench/ringbuf_throughput.py
+	$(VPY) bench/teardown.py
 
 # The open overhead benchmark needs both backends (bpf in the LSM list): it runs in a 6.1 guest
 # and prints its JSON there.
