@@ -258,9 +258,23 @@ def test_6_a_file_replaced_at_a_protected_path_stays_protected(assay_cmd, tmp_pa
 
 # ------------------------------------------------------------------ 5: a disconnected dentry
 
+HANDLE = r'''
+import ctypes, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+handle = ctypes.create_string_buffer(8 + 128)
+struct.pack_into("<Ii", handle, 0, 128, 0)
+mount_id = ctypes.c_int()
+if libc.name_to_handle_at(-100, sys.argv[1].encode(), handle, ctypes.byref(mount_id), 0) != 0:
+    raise OSError(ctypes.get_errno(), "name_to_handle_at")
+print(handle.raw.hex())
+'''
+
+
 @pytest.fixture
-def ext4(tmp_path):
-    """A real ext4 on a loop device (dentries there can be dropped, unlike on the initramfs root)."""
+def ext4_handle(tmp_path):
+    """A real ext4 on a loop device holding tree/secret, and a file handle of the secret. The
+    filesystem is mounted again after the handle is taken, so no dentry of the secret is cached:
+    opening it by handle gives a disconnected dentry (the initramfs root never drops one)."""
     import kmod
     kmod.load("loop")
     img, mnt = tmp_path / "fs.img", pathlib.Path(tempfile.mkdtemp(prefix="assay-ext4-"))
@@ -271,25 +285,25 @@ def ext4(tmp_path):
                          text=True).stdout.strip()
     subprocess.run(["mount", "-t", "ext4", dev, str(mnt)], check=True)
     try:
-        yield mnt
+        (mnt / "tree").mkdir()
+        (mnt / "tree" / "secret").write_text("secret")
+        handle = subprocess.run([PY, "-c", HANDLE, str(mnt / "tree" / "secret")], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        subprocess.run(["umount", str(mnt)], check=True)   # a cold dentry cache for this filesystem
+        subprocess.run(["mount", "-t", "ext4", dev, str(mnt)], check=True)
+        yield mnt, handle
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
         subprocess.run(["losetup", "-d", dev], check=False)
 
 
 BY_HANDLE = r'''
-import ctypes, json, os, struct, sys
-mnt, path = sys.argv[1], sys.argv[2]
+import ctypes, json, os, sys
+mnt, handle, path = sys.argv[1], bytes.fromhex(sys.argv[2]), sys.argv[3]
 libc = ctypes.CDLL(None, use_errno=True)
-handle = ctypes.create_string_buffer(8 + 128)
-struct.pack_into("<Ii", handle, 0, 128, 0)
-mount_id = ctypes.c_int()
-if libc.name_to_handle_at(-100, path.encode(), handle, ctypes.byref(mount_id), 0) != 0:
-    raise OSError(ctypes.get_errno(), "name_to_handle_at")
-with open("/proc/sys/vm/drop_caches", "w") as f:
-    f.write("2")   # drop the dentries: the handle now gives an inode with no known parent
+buf = ctypes.create_string_buffer(handle, len(handle))
 mfd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
-fd = libc.open_by_handle_at(mfd, handle, os.O_RDONLY)
+fd = libc.open_by_handle_at(mfd, buf, os.O_RDONLY)   # no path walk: nothing names the parent
 res = {"by_handle": "ok" if fd >= 0 else ctypes.get_errno()}
 try:
     open(path).read(); res["by_path"] = "ok"
@@ -299,18 +313,17 @@ print(json.dumps(res))
 '''
 
 
-def test_5_a_disconnected_dentry_denies_where_subtrees_live(assay_cmd, tmp_path, ext4):
+def test_5_a_disconnected_dentry_denies_where_subtrees_live(assay_cmd, tmp_path, ext4_handle):
     """open_by_handle_at on a cold dentry cache returns a dentry with no parent: the subtree walk
     cannot prove the file lies outside the rule, so on a filesystem holding a subtree rule it
     denies (open_by_handle_at needs CAP_DAC_READ_SEARCH: root only)."""
-    tree = ext4 / "tree"
-    tree.mkdir()
-    (tree / "secret").write_text("secret")
+    mnt, handle = ext4_handle
+    tree = mnt / "tree"
     pol = policy(tmp_path, file_rule("tree", [f"{tree}/**"]))
-    p, evs = monitor(assay_cmd, tmp_path, pol, [PY, "-c", BY_HANDLE, str(ext4), str(tree / "secret")])
+    p, evs = monitor(assay_cmd, tmp_path, pol, [PY, "-c", BY_HANDLE, str(mnt), handle, str(tree / "secret")])
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout) == {"by_handle": 1, "by_path": 1}
-    assert any(e["type"] == "file_blocked" and e["rule"] == "builtin:unprovable-path" for e in evs)
+    assert any(e["type"] == "file_blocked" and e["rule"] == "builtin:unprovable-path" for e in evs), evs
     summary = json.loads(next(line for line in p.stderr.splitlines() if line.startswith('{"summary"')))["summary"]
     assert summary["lost"].get("disconnected", 0) >= 1
 
