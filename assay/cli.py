@@ -56,6 +56,9 @@ def monitor(
                                                              "once full, forks in the scope are refused."),
     no_protect: bool = typer.Option(False, "--no-protect", help="Let the scope signal, trace or take the BPF "
                                                                 "objects of the monitor (docs/hardening.md)."),
+    ready_file: Optional[str] = typer.Option(None, "--ready-file", help="Write the monitor's pid to FILE once "
+                                                                         "its programs are attached and the scope "
+                                                                         "is set (systemd: READY=1 is sent too)."),
     command: List[str] = typer.Argument(None, metavar="[-- COMMAND [ARGS]...]"),
 ) -> None:
     """Stream the events of a process tree, a cgroup, or a command started in scope."""
@@ -78,7 +81,7 @@ def monitor(
                           duration=parse_duration(duration) if duration else None, fmt=fmt, output=output_path,
                           ebpf=ebpf, ringbuf_size=ringbuf_size, enforcer=enforcer, wait_all=wait_all,
                           scope_grace=parse_duration(scope_grace), max_scope=max_scope,
-                          protect=not no_protect)
+                          protect=not no_protect, ready_file=ready_file)
     recorder = None
     if record:
         from assay import learning

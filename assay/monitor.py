@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import attrs
 import structlog
 
-from assay import abi, enforce, enforcers, events, output, reaper, spawn, system
+from assay import abi, enforce, enforcers, events, notify, output, reaper, spawn, system
 from assay.bpf import Object, RingBuffer
 from assay.errors import BpfError, UsageError
 
@@ -63,6 +63,7 @@ class MonitorOptions:
     scope_grace: float = 3.0          # otherwise: SIGTERM it, and SIGKILL after this many seconds
     max_scope: int = DEFAULT_MAX_SCOPE  # scope_pids capacity (processes and threads of the scope)
     protect: bool = True              # self-protection while a policy enforces (--no-protect)
+    ready_file: Optional[str] = None  # written (our pid) once programs are attached and the scope is set
 
 
 @attrs.define
@@ -405,6 +406,7 @@ class Monitor:
                         self.add_pid(d)
             log.info("monitoring", pid=os.getpid(), scope=attrs.asdict(opts.scope),
                      enforcer=self.backend.name if self.backend else None)
+            self._ready()
             if opts.command:
                 watchdog = reaper.Watchdog(self.scope_members)
                 self.set_watchdog(watchdog.pid)
@@ -454,6 +456,15 @@ class Monitor:
             if rb is not None:
                 rb.close()
             self.obj.close()
+
+    def _ready(self) -> None:
+        """Programs are attached and the given pids are in the scope: a launcher may go on."""
+        if self.opts.ready_file:
+            try:
+                notify.write_ready_file(self.opts.ready_file, os.getpid())
+            except OSError as e:
+                raise UsageError(f"--ready-file {self.opts.ready_file}: {e.strerror}") from None
+        notify.sd_notify(f"READY=1\nMAINPID={os.getpid()}")
 
     def _end_scope(self, rb: RingBuffer) -> None:
         """The command has exited: wait for what is left in its scope (--wait-all), or end it."""

@@ -239,3 +239,41 @@ def test_every_decision_belongs_to_a_kind_of_rule(obj_path):
         loaded = {p.name for p in progs if p.autoload}
     assert loaded == {"fmod_task_alloc", "fmod_socket_connect", "fmod_socket_sendmsg", "fmod_socket_setsockopt",
                       "fmod_sctp_bind_connect"}
+
+
+def test_ready_file_and_sd_notify_once_attached(assay_cmd, tmp_path):
+    """A launcher (the GitHub Action, systemd) learns when the programs are attached: --ready-file
+    holds the monitor's pid and NOTIFY_SOCKET gets READY=1, and a child forked after that is seen."""
+    ready, out = tmp_path / "ready", tmp_path / "ev.jsonl"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(60)
+    target = subprocess.Popen(["sleep", "60"])
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"))
+    mon = subprocess.Popen(assay_cmd + ["monitor", "--pid", str(target.pid), "--ready-file", str(ready),
+                                        "-o", str(out)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        msg = sock.recv(4096).decode()
+        assert "READY=1" in msg.splitlines() and f"MAINPID={mon.pid}" in msg.splitlines()
+        assert ready.read_text() == f"{mon.pid}\n"
+        assert mon.poll() is None
+    finally:
+        target.kill()
+        target.wait()
+        mon.send_signal(signal.SIGINT)
+        err = mon.communicate(timeout=60)[1]
+        sock.close()
+    assert summary_of(err)["events"].get("exit", 0) >= 1, err  # the target's exit, seen after READY
+
+
+def test_sd_notify_without_a_manager_is_a_no_op(tmp_path):
+    from assay import notify
+    assert notify.sd_notify("READY=1", env={}) is False
+    # a socket path nobody listens on: logged, never raised
+    assert notify.sd_notify("READY=1", env={"NOTIFY_SOCKET": str(tmp_path / "none")}) is False
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    name = f"assay-test-{os.getpid()}"
+    sock.bind("\0" + name)
+    assert notify.sd_notify("READY=1", env={"NOTIFY_SOCKET": "@" + name}) is True
+    assert sock.recv(64) == b"READY=1"
+    sock.close()
