@@ -112,7 +112,20 @@ class InodeKey(ctypes.Structure):
 
 
 class NameKey(ctypes.Structure):
-    _fields_ = [("parent_ino", u64), ("parent_dev", u32), ("name_len", u32), ("name", ctypes.c_char * NAME_MAX)]
+    _fields_ = [("parent_ino", u64), ("parent_dev", u32), ("name_len", u32), ("name_hash", u64)]
+
+
+FNV_OFFSET, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3
+
+
+def name_hash(name: bytes) -> int:
+    """assay_name_key.name_hash: FNV-1a over the name's 8-byte little-endian chunks, the last
+    one zero-padded (bpf/src/file.bpf.h computes the same)."""
+    h = FNV_OFFSET
+    for i in range(0, len(name), 8):
+        h ^= int.from_bytes(name[i:i + 8], "little")
+        h = (h * FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return h
 
 
 class RuleRef(ctypes.Structure):

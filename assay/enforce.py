@@ -101,9 +101,8 @@ class NameEntry:
     def keys(self) -> List[bytes]:
         out = []
         for dev in dict.fromkeys(self.parent.devs()):
-            k = abi.NameKey(parent_ino=self.parent.ino, parent_dev=dev, name_len=len(self.name))
-            k.name = self.name
-            out.append(bytes(k))
+            out.append(bytes(abi.NameKey(parent_ino=self.parent.ino, parent_dev=dev, name_len=len(self.name),
+                                         name_hash=abi.name_hash(self.name))))
         return out
 
     def gate_keys(self) -> List[bytes]:

@@ -141,8 +141,10 @@ class Lib:
         vsnprintf.restype = c_int
         vsnprintf.argtypes = [c_char_p, c_size_t, c_char_p, VA_LIST]
 
+        # libbpf hands over a verifier log as one message: 1 MiB holds any the kernel keeps.
+        buf = ctypes.create_string_buffer(1 << 20)
+
         def _cb(level, fmt, args):
-            buf = ctypes.create_string_buffer(1024)
             vsnprintf(buf, len(buf), fmt, args)
             try:
                 fn(level, buf.value.decode("utf-8", "backslashreplace").rstrip("\n"))

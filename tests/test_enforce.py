@@ -94,8 +94,15 @@ def test_plan_maps_and_actions(tmp_path):
     assert {(n.map_name, n.name, n.rule_index, n.parent) for n in p.names} == {
         ("file_deny_names", b"a", 1, parent), ("file_deny_names", b"b", 2, parent)}
     key = abi.NameKey.from_buffer_copy(p.names[0].keys()[0])
-    assert (key.parent_ino, key.name_len, key.name) == (parent.ino, 1, p.names[0].name)
-    assert p.names[0].keys()[0].endswith(b"\0" * (abi.NAME_MAX - 1))  # zero-padded, as the kernel builds it
+    assert (key.parent_ino, key.name_len, key.name_hash) == (parent.ino, 1, abi.name_hash(p.names[0].name))
+
+
+def test_name_hash_is_fnv1a_over_zero_padded_chunks():
+    # FNV-1a 64 of one chunk; the kernel side (bpf/src/file.bpf.h) reads the same chunks
+    assert abi.name_hash(b"") == abi.FNV_OFFSET
+    one = ((abi.FNV_OFFSET ^ int.from_bytes(b"a", "little")) * abi.FNV_PRIME) & (2 ** 64 - 1)
+    assert abi.name_hash(b"a") == one
+    assert abi.name_hash(b"a" * 8) != abi.name_hash(b"a" * 9) != abi.name_hash(b"a" * 10)
 
 
 @pytest.mark.root

@@ -8,6 +8,8 @@
 #define ASSAY_PATH_MAX 4096
 #define ASSAY_ARGS_MAX 1024
 #define ASSAY_NAME_MAX 256
+#define ASSAY_FNV_OFFSET 0xcbf29ce484222325ULL
+#define ASSAY_FNV_PRIME 0x100000001b3ULL
 /* Bounded walks: dentry ancestors (across mounts) and cgroup ancestors. */
 #define ASSAY_WALK_DEPTH 48
 #define ASSAY_CGROUP_DEPTH 32
@@ -137,12 +139,15 @@ struct assay_inode_key {
 };
 
 /* An exact deny's place: its parent directory's identity and its name, so a file put there later
- * (renamed over it, or deleted and created again) is still the rule's. The name is zero-padded. */
+ * (renamed over it, or deleted and created again) is still the rule's. The name is kept as its
+ * length and a 64-bit FNV-1a over its 8-byte little-endian chunks (the last one zero-padded):
+ * a small key needs no per-CPU scratch space, which a preempted decision could share. A collision
+ * can only deny another name, never let the protected one through. */
 struct assay_name_key {
 	__u64 parent_ino;
 	__u32 parent_dev;     /* new_encode_dev form */
 	__u32 name_len;
-	char name[ASSAY_NAME_MAX];
+	__u64 name_hash;
 };
 
 struct assay_rule_ref {

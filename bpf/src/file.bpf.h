@@ -127,13 +127,6 @@ struct {
 	__type(value, __u32);
 } name_dirs SEC(".maps");
 
-/* The key is too large for the stack. */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct assay_name_key);
-} name_scratch SEC(".maps");
 
 /* ---------------------------------------------------------------- file and exec enforcement */
 
@@ -262,14 +255,36 @@ static __always_inline __u64 lookup_ancestors(void *map, struct dentry *d, struc
 	return fail_closed ? unprovable(d, ASSAY_CNT_WALK_TRUNC) : 0;
 }
 
+static __always_inline __u64 name_hash(const unsigned char *name, __u32 len)
+{
+	__u64 h = ASSAY_FNV_OFFSET;
+
+	for (int i = 0; i < ASSAY_NAME_MAX / 8; i++) {
+		__u32 at = i * 8;
+		if (at >= len)
+			break;
+		__u32 n = len - at;
+		__u64 sz = n >= 8 ? 8 : n;
+		/* never read past the name (its end may be the end of an allocation); the mask keeps
+		 * the bound where the verifier sees it, and chunk has room for that bound */
+		asm volatile("%[sz] &= 15" : [sz] "+r"(sz));
+		__u64 chunk[2] = {};
+		bpf_probe_read_kernel(chunk, sz, name + at);
+		h ^= chunk[0];
+		h *= ASSAY_FNV_PRIME;
+	}
+	return h;
+}
+
 /* The exact deny naming this dentry's place, if any: a file put at a protected path after the
  * start is a new inode, but the same parent and name. */
 static __always_inline __u64 lookup_name(void *map, struct dentry *d, __u32 kind)
 {
 	struct dentry *parent = BPF_CORE_READ(d, d_parent);
 	struct assay_inode_key g = {};
+	struct assay_name_key k = {};
 	struct assay_rule_ref *r;
-	__u32 zero = 0, *kinds;
+	__u32 *kinds;
 
 	if (parent == d)
 		return 0;
@@ -278,18 +293,14 @@ static __always_inline __u64 lookup_name(void *map, struct dentry *d, __u32 kind
 	kinds = bpf_map_lookup_elem(&name_dirs, &g);
 	if (!kinds || !(*kinds & kind))
 		return 0;
-	struct assay_name_key *k = bpf_map_lookup_elem(&name_scratch, &zero);
-	if (!k)
-		return 0;
 	__u32 len = BPF_CORE_READ(d, d_name.len);
 	if (!len || len >= ASSAY_NAME_MAX)
 		return 0;
-	__builtin_memset(k, 0, sizeof(*k));
-	k->parent_ino = g.ino;
-	k->parent_dev = g.dev;
-	k->name_len = len;
-	bpf_probe_read_kernel(k->name, len & (ASSAY_NAME_MAX - 1), BPF_CORE_READ(d, d_name.name));
-	if ((r = bpf_map_lookup_elem(map, k)))
+	k.parent_ino = g.ino;
+	k.parent_dev = g.dev;
+	k.name_len = len;
+	k.name_hash = name_hash(BPF_CORE_READ(d, d_name.name), len);
+	if ((r = bpf_map_lookup_elem(map, &k)))
 		return PACK(r, 0);
 	return 0;
 }
