@@ -12,6 +12,7 @@ NAME_MAX = 256
 WALK_DEPTH = 48
 CGROUP_DEPTH = 32
 KILL_REQUESTS = 4096
+KILL_NOW = 0x80000000     # in a kill request: kill at once (from a cgroup program, which cannot signal)
 ACT_FLAG_NOT_MAPS = 0x100   # assay.h ASSAY_ACT_FLAG_NOT_MAPS
 
 RULES_DENY, RULES_DENY_DIRS, RULES_ALLOW, RULES_ALLOW_DIRS = 1, 2, 4, 8

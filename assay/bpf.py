@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import threading
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -124,10 +125,28 @@ class Program:
         return int(self._prog_info().recursion_misses)
 
     def attach(self) -> Link:
+        if self.section.startswith("cgroup/"):
+            return self._attach_cgroup()
         ptr = lib().bpf_program__attach(self._ptr)
         err = libbpf.ptr_error(ptr)
         if err:
             raise BpfError(f"attach {self.name} ({self.section}) failed: {lib().strerror(err)}")
+        return Link(ptr, self)
+
+    def _attach_cgroup(self) -> Link:
+        """A cgroup program goes on the cgroup v2 root, through a bpf_link: it covers every
+        process, and it goes away with this process (never left attached)."""
+        from assay.system import cgroup2_root
+
+        root = cgroup2_root()
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            ptr = lib().bpf_program__attach_cgroup(self._ptr, fd)
+        finally:
+            os.close(fd)
+        err = libbpf.ptr_error(ptr)
+        if err:
+            raise BpfError(f"attach {self.name} ({self.section}) to {root} failed: {lib().strerror(err)}")
         return Link(ptr, self)
 
 

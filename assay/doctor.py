@@ -119,7 +119,11 @@ def _try_enforcer(backend: enforcers.Backend, obj_path: str) -> Check:
     try:
         with enforcers.load_and_attach(lambda: Object(obj_path), backend) as obj:
             sections = [obj.programs[n].section for n in backend.programs(obj)]
-        return Check(name, True, f"{', '.join(sections)} loaded and attached", required=False)
+        detail = f"{', '.join(sections)} loaded and attached"
+        if backend.judges_files_in_userspace:
+            detail += ("; fanotify permission events answer file and exec rules (no self-protection against "
+                       "a root workload: docs/enforcers.md)")
+        return Check(name, True, detail, required=False)
     except AssayError as e:
         return Check(name, False, str(e), backend.refused_fix(), required=False)
 

@@ -97,6 +97,7 @@ class NameEntry:
     name: bytes
     rule_index: int
     action: abi.Action
+    parent_path: str = ""
 
     def keys(self) -> List[bytes]:
         out = []
@@ -129,7 +130,7 @@ def name_entries(entries: Iterable[Entry]) -> List[NameEntry]:
         ident = parents[parent]
         if ident is None:
             continue
-        out.append(NameEntry(e.map_name + "_names", ident, raw, e.rule_index, e.action))
+        out.append(NameEntry(e.map_name + "_names", ident, raw, e.rule_index, e.action, parent))
     return out
 
 

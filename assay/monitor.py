@@ -180,6 +180,7 @@ class Monitor:
         self.plan: Optional[enforce.Plan] = None
         self.net_plan: Optional[enforce.NetPlan] = None
         self._cfg: Optional[abi.Config] = None
+        self.agent = None                 # the host backend's fanotify side, while it runs
 
     # ------------------------------------------------------------ setup
     def load(self) -> Object:
@@ -213,10 +214,14 @@ class Monitor:
                 obj.close()
                 raise
         else:
-            obj, self.backend, passed_over = enforcers.choose(self.opts.enforcer, open_object, self.hooks())
+            obj, self.backend, passed_over = enforcers.choose(self.opts.enforcer, open_object, self.hooks(),
+                                                              then=self._start_agent)
             self.decoder.enforcer = self.summary.enforcer = self.backend.name
             why = f" ({'; '.join(passed_over)})" if passed_over else ""
             output.say(f"assay: enforcing via {self.backend.name}{why}")
+            if self.backend.judges_files_in_userspace and self.opts.protect:
+                output.say("assay: note: the host backend cannot keep a root process in the scope away from the "
+                           "monitor (signals, ptrace, bpf()); see docs/enforcers.md")
             model = system.preemption() if self.backend.name == "fmod_ret" else None
             if model in system.PREEMPTIBLE:
                 output.say(f"assay: warning: this kernel preempts kernel code ({model}), so it can skip an "
@@ -353,9 +358,16 @@ class Monitor:
         self._write(self.decoder.decode(data))
 
     def _start_graceful_kills(self) -> None:
-        if not (self.plan and self.plan.kill_graceful):
-            return  # no graceful trigger_kill rule: the kernel never writes a request
-        for pid, rule_id in self.kill_requests():
+        if not (self.plan and (self.plan.kill_graceful or (self.backend and self.backend.name == "host"))):
+            return  # no trigger_kill rule can write a request
+        requests = self.kill_requests()
+        if self.agent is not None:
+            while self.agent.kills:
+                requests.append(self.agent.kills.popleft())
+        for pid, rule_id in requests:
+            if rule_id & abi.KILL_NOW:  # a cgroup program's immediate kill: it cannot signal itself
+                reaper.kill_now(pid)
+                continue
             grace = self.plan.kill_graceful.get(rule_id, 3000) / 1000.0
             self._graceful.start(pid, self.decoder.rule_names.get(rule_id, str(rule_id)), grace)
 
@@ -368,7 +380,8 @@ class Monitor:
 
     def _tick(self, rb: RingBuffer) -> None:
         """One turn of the event loop: events, kill requests, pending output."""
-        rb.poll(100)
+        rb.poll(20 if self.agent is not None and self.agent.active else 100)
+        self._drain_agent()
         self._start_graceful_kills()
         self._graceful.reap()
         if self._out is not None:
@@ -435,6 +448,7 @@ class Monitor:
                 self._end_scope(rb)
             clean = True
             rb.consume()
+            self._stop_agent()
             self.summary.exit_status = status
             return status if status is not None else 0
         finally:
@@ -444,6 +458,8 @@ class Monitor:
                     reaper.ScopeEnd(self.scope_members, self._write, self._now, 0).kill_all(self.scope_members())
                 except Exception as e:  # noqa: BLE001  the original error matters more
                     log.error("could not end the scope", error=str(e))
+            if self.agent is not None:
+                self.agent.stop()
             if watchdog is not None:
                 watchdog.stand_down()
             for s, h in old.items():
@@ -453,9 +469,51 @@ class Monitor:
                 self.summary.kernel_counters = self.kernel_counters()
             except BpfError:
                 pass
+            if self.agent is not None:
+                self.summary.kernel_counters.update(host_events_dropped=self.agent.dropped,
+                                                    host_errors=self.agent.errors)
             if rb is not None:
                 rb.close()
             self.obj.close()
+
+    def _start_agent(self, backend: enforcers.Backend, obj: Object) -> None:
+        """The host backend's file and exec rules: fanotify marks, answered on a thread. Until the
+        config is written, in_scope() holds nobody in the scope, so every open is let through."""
+        if not backend.judges_files_in_userspace or self.plan is None:
+            return
+        from assay.enforcers.host import HostAgent
+
+        agent = HostAgent(self.plan, self.in_scope, self.decoder.rule_names)
+        agent.start()
+        self.obj, self.agent = obj, agent   # in_scope() reads the scope map
+        for note in agent.notes:
+            output.say(f"assay: note: {note}")
+
+    def _drain_agent(self) -> None:
+        if self.agent is not None:
+            while self.agent.events:
+                self._emit(self.agent.events.popleft())
+
+    def _stop_agent(self) -> None:
+        """The scope has ended: no answer is owed any more; what the thread judged last is written."""
+        if self.agent is not None:
+            self.agent.stop()
+            self._drain_agent()
+            self._start_graceful_kills()
+
+    def in_scope(self, pid: int) -> bool:
+        """The kernel's in_scope() (bpf/src/scope.bpf.h), for decisions made here."""
+        cfg = self._cfg
+        if cfg is None or self.obj is None or pid == cfg.monitor_tgid:
+            return False
+        if cfg.scope_all:
+            return True
+        if self.obj.maps["scope_pids"].lookup(ctypes.c_uint32(pid)) is not None:
+            return True
+        if cfg.scope_cgroup and system.in_cgroup_subtree(pid, self.opts.scope.cgroup):
+            self.add_pid(pid)  # seen in the subtree: it stays in scope, as the kernel keeps it
+            return True
+        return False
 
     def _ready(self) -> None:
         """Programs are attached and the given pids are in the scope: a launcher may go on."""

@@ -33,6 +33,17 @@ def _signal(pidfd: int, sig: int) -> bool:
         return False
 
 
+def kill_now(pid: int) -> None:
+    """SIGKILL through a pidfd (never a recycled pid): trigger_kill in immediate mode, sent by the
+    monitor for a decision that could not signal (a cgroup program)."""
+    fd = _pidfd(pid)
+    if fd is not None:
+        try:
+            _signal(fd, signal.SIGKILL)
+        finally:
+            os.close(fd)
+
+
 def _is_live_process(pid: int) -> bool:
     """A thread-group leader that has not exited (zombies can do nothing any more)."""
     try:

@@ -104,6 +104,17 @@ def cgroup2_mounts() -> list:
     return out
 
 
+def cgroup2_root() -> str:
+    """Where cgroup programs attach to cover every process: the cgroup v2 root (the unified mount
+    on hybrid hosts). Raises BpfError where none is mounted."""
+    from assay.errors import BpfError
+
+    mounts = cgroup2_mounts()
+    if not mounts:
+        raise BpfError("no cgroup v2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup)")
+    return mounts[0]
+
+
 def cgroup_id(path: str) -> int:
     """A cgroup v2 directory's id is its kernfs inode number. Raises OSError/ValueError."""
     st = os.stat(path)
@@ -119,6 +130,21 @@ def cgroup_id(path: str) -> int:
         raise ValueError(f"{path} is not on a cgroup v2 filesystem (mounted at: "
                          f"{', '.join(cgroup2_mounts()) or 'none'})")
     return st.st_ino
+
+
+def in_cgroup_subtree(pid: int, cgroup_dir: str) -> bool:
+    """Is the process in this cgroup v2 directory or below it? A process that cannot be read
+    (gone) is not."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            rel = next((line.split(":", 2)[2].strip() for line in f if line.startswith("0::")), None)
+    except OSError:
+        return False
+    if rel is None:
+        return False
+    here = os.path.realpath(cgroup2_root() + rel)
+    want = os.path.realpath(cgroup_dir)
+    return here == want or here.startswith(want.rstrip("/") + "/")
 
 
 def own_cgroup2_path() -> Optional[str]:

@@ -232,9 +232,11 @@ def test_every_decision_belongs_to_a_kind_of_rule(obj_path):
     from assay.bpf import Object
     with Object(obj_path) as obj:
         progs = [p for p in obj.programs.values() if enforcers.is_enforcing(p)]
-        for b in enforcers.BACKENDS:
-            hooks = {enforcers.hook_of(p) for p in progs if b.owns(p)}
-            assert hooks == set().union(*enforcers.HOOKS_FOR.values()), b.name
+        every = set().union(*enforcers.HOOKS_FOR.values())
+        owned = {b.name: {enforcers.hook_of(p) for p in progs if b.owns(p)} for b in enforcers.BACKENDS}
+        assert owned["lsm"] == owned["fmod_ret"] == every - owned["host"]
+        assert owned["host"] == {"connect4", "connect6", "sendmsg4", "sendmsg6", "setsockopt"}
+        assert owned["host"] <= enforcers.HOOKS_FOR["net"]
         enforcers.select_programs(obj, enforcers.BACKENDS[1], enforcers.needed_hooks(["net"]))
         loaded = {p.name for p in progs if p.autoload}
     assert loaded == {"fmod_task_alloc", "fmod_socket_connect", "fmod_socket_sendmsg", "fmod_socket_setsockopt",
@@ -267,10 +269,13 @@ def test_ready_file_and_sd_notify_once_attached(assay_cmd, tmp_path):
 
 
 def test_sd_notify_without_a_manager_is_a_no_op(tmp_path):
+    import structlog
     from assay import notify
     assert notify.sd_notify("READY=1", env={}) is False
     # a socket path nobody listens on: logged, never raised
-    assert notify.sd_notify("READY=1", env={"NOTIFY_SOCKET": str(tmp_path / "none")}) is False
+    with structlog.testing.capture_logs() as logs:
+        assert notify.sd_notify("READY=1", env={"NOTIFY_SOCKET": str(tmp_path / "none")}) is False
+    assert [e["event"] for e in logs] == ["sd_notify failed"]
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     name = f"assay-test-{os.getpid()}"
     sock.bind("\0" + name)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, List, Optional, Set, Tuple
 
-from assay.enforcers import fmod_ret, lsm
+from assay.enforcers import fmod_ret, host, lsm
 from assay.enforcers.base import Backend
 from assay.errors import BpfError, UsageError
 
-# Auto tries them in this order: the LSM hook where bpf is an active LSM, then fmod_ret.
-BACKENDS: Tuple[Backend, ...] = (lsm.BACKEND, fmod_ret.BACKEND)
+# Auto tries them in this order: the LSM hook where bpf is an active LSM, then fmod_ret, then
+# the host backend (cgroup programs and fanotify) where BPF trampolines are unavailable.
+BACKENDS: Tuple[Backend, ...] = (lsm.BACKEND, fmod_ret.BACKEND, host.BACKEND)
 CHOICES = ("auto",) + tuple(b.name for b in BACKENDS)
 
 
@@ -30,7 +31,8 @@ def is_enforcing(program) -> bool:
 HOOKS_FOR = {
     "file": {"file_open", "inode_rename", "inode_link"},
     "exec": {"bprm_check", "mmap_file", "file_mprotect", "inode_rename", "inode_link"},
-    "net": {"socket_connect", "socket_sendmsg", "socket_setsockopt", "sctp_bind_connect"},
+    "net": {"socket_connect", "socket_sendmsg", "socket_setsockopt", "sctp_bind_connect",
+            "connect4", "connect6", "sendmsg4", "sendmsg6", "setsockopt"},
     "scope": {"task_alloc"},
     "protect": {"bpf_map", "bpf_prog", "task_kill", "ptrace_access_check"},
 }
@@ -67,19 +69,28 @@ def load_and_attach(open_object: Callable[[], object], backend: Backend, hooks: 
     return obj
 
 
-def choose(choice: str, open_object: Callable[[], object],
-           hooks: Optional[Set[str]] = None) -> Tuple[object, Backend, List[str]]:
+def choose(choice: str, open_object: Callable[[], object], hooks: Optional[Set[str]] = None,
+           then: Optional[Callable[[Backend, object], None]] = None) -> Tuple[object, Backend, List[str]]:
     """The first backend of `choice` whose programs load and attach here, its loaded object, and
     why each one tried before it could not be used. Raises BpfError (exit 40) with one line per
-    backend when none works: a policy is never left unenforced."""
+    backend when none works: a policy is never left unenforced. `then` finishes a backend's
+    set-up once its programs are attached; its BpfError passes over to the next backend."""
     reasons: List[str] = []
     for b in candidates(choice):
         why = b.precheck()
         if why is None:
             try:
-                return load_and_attach(open_object, b, hooks), b, reasons
+                obj = load_and_attach(open_object, b, hooks)
             except BpfError as e:
                 why = str(e)
+            else:
+                try:
+                    if then is not None:
+                        then(b, obj)   # what else the backend needs (the host backend's marks)
+                    return obj, b, reasons
+                except BpfError as e:
+                    obj.close()
+                    why = str(e)
         reasons.append(f"{b.name}: {why}")
     raise BpfError("no enforcement backend works on this kernel, so the policy cannot be enforced:\n  "
                    + "\n  ".join(reasons) + "\n(see `assay doctor`)")

@@ -16,6 +16,7 @@ class Backend:
     needs: str                                 # what the kernel must offer, for people
     precheck: Callable[[], Optional[str]]      # why it cannot work here without trying, or None
     refused_fix: Callable[[], str]             # what to do when the kernel refuses its programs
+    judges_files_in_userspace: bool = False    # file and exec rules answered by the monitor (host)
 
     def owns(self, program) -> bool:
         return program.section.startswith(self.section_prefix)

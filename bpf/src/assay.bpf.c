@@ -164,6 +164,41 @@ int BPF_PROG(fmod_socket_setsockopt, struct socket *sock, int level, int optname
 	return decide_socket_setsockopt(sock, level, optname, ret);
 }
 
+/*
+ * The host backend's connect decisions: cgroup sock_addr programs, attached at the cgroup v2
+ * root, where BPF trampolines (lsm, fmod_ret) are unavailable. They judge with the same tries
+ * and scope as socket_connect and socket_sendmsg; 1 lets the call go on, 0 fails it (EPERM).
+ */
+SEC("cgroup/connect4")
+int host_connect4(struct bpf_sock_addr *ctx)
+{
+	return decide_sock_addr(ctx, AF_INET, ASSAY_NET_OP_CONNECT);
+}
+
+SEC("cgroup/connect6")
+int host_connect6(struct bpf_sock_addr *ctx)
+{
+	return decide_sock_addr(ctx, AF_INET6, ASSAY_NET_OP_CONNECT);
+}
+
+SEC("cgroup/sendmsg4")
+int host_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return decide_sock_addr(ctx, AF_INET, ASSAY_NET_OP_SENDMSG);
+}
+
+SEC("cgroup/sendmsg6")
+int host_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return decide_sock_addr(ctx, AF_INET6, ASSAY_NET_OP_SENDMSG);
+}
+
+SEC("cgroup/setsockopt")
+int host_setsockopt(struct bpf_sockopt *ctx)
+{
+	return decide_cgroup_setsockopt(ctx);
+}
+
 ENFORCE_LSM(bpf_map)
 int BPF_PROG(lsm_bpf_map, struct bpf_map *map, fmode_t fmode, int ret)
 {

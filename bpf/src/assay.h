@@ -15,6 +15,8 @@
 #define ASSAY_CGROUP_DEPTH 32
 /* Graceful kills waiting for the monitor (kill_requests map). */
 #define ASSAY_KILL_REQUESTS 4096
+/* In a kill request's value (the rule id): kill at once (cgroup programs cannot send signals). */
+#define ASSAY_KILL_NOW 0x80000000u
 
 enum assay_event_type {
 	ASSAY_EV_EXEC = 1,

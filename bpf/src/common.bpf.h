@@ -92,4 +92,27 @@ static __always_inline int act(__u32 action, __u32 rule_id)
 	}
 }
 
+/* act() for programs that may not send signals (cgroup programs): every kill goes through
+ * kill_requests, an immediate one flagged ASSAY_KILL_NOW, and the monitor sends it. The call
+ * fails either way, so a kill that waits for the monitor lets nothing through. */
+static __always_inline int act_by_request(__u32 action, __u32 rule_id)
+{
+	__u32 tgid, req;
+
+	switch (action) {
+	case ASSAY_ACT_LOG:
+	case ASSAY_ACT_ALERT:
+		return 0;
+	case ASSAY_ACT_KILL_IMMEDIATE:
+	case ASSAY_ACT_KILL_GRACEFUL:
+		tgid = bpf_get_current_pid_tgid() >> 32;
+		req = rule_id | (action == ASSAY_ACT_KILL_IMMEDIATE ? ASSAY_KILL_NOW : 0);
+		if (bpf_map_update_elem(&kill_requests, &tgid, &req, BPF_ANY))
+			count(ASSAY_CNT_KILL_FULL);
+		return -EPERM;
+	default:
+		return -EPERM;
+	}
+}
+
 #endif /* __ASSAY_COMMON_BPF_H */

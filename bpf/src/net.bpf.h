@@ -215,33 +215,31 @@ static __always_inline void emit_net_block(struct assay_port_range *r, __u16 fam
 	emit(&ev, sizeof(ev));
 }
 
-/* The net rules' verdict on one destination (a kernel copy of the caller's sockaddr), judged as
- * the kernel will use it. */
-static __always_inline int judge_net(struct assay_config *cfg, struct sock *sk, struct sockaddr *address,
-				     __u16 op)
+/* One destination as the kernel will use it, however it was given (a sockaddr, a cgroup
+ * program's context). */
+struct net_dest {
+	__u16 family;   /* AF_INET or AF_INET6 */
+	__u16 port;     /* host order */
+	__u16 proto;
+	__u16 _pad;
+	__u32 bound4;   /* the socket's bound IPv4 address (network order), 0 if none */
+	__u8 addr[16];  /* 4 or 16 bytes, network order */
+};
+
+/* The net rules' verdict on one destination. can_signal is a constant: cgroup programs may not
+ * send signals, so their kills go through kill_requests (see act()). */
+static __always_inline int judge_dest(struct assay_config *cfg, struct net_dest *d, __u16 op, bool can_signal)
 {
-	__u16 family = BPF_CORE_READ(address, sa_family);
-	__u16 proto = BPF_CORE_READ(sk, sk_protocol);
 	struct assay_lpm4_key k4 = {.prefixlen = 32};
 	struct assay_lpm6_key k6 = {.prefixlen = 128};
 	struct assay_port_range *deny = NULL;
-	__u16 port;
 	bool v4;
 
-	/* The inet send paths (udp_sendmsg, raw_sendmsg, rawv6_sendmsg) take a destination whose
-	 * family is AF_UNSPEC as one of the socket's own family. (For connect(2), AF_UNSPEC means
-	 * disconnect: nothing to judge.) */
-	if (family == AF_UNSPEC && op == ASSAY_NET_OP_SENDMSG)
-		family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	if (family == AF_INET) {
-		struct sockaddr_in *sin = (struct sockaddr_in *)address;
-		port = __builtin_bswap16(BPF_CORE_READ(sin, sin_port));
-		bpf_probe_read_kernel(k4.addr, 4, &sin->sin_addr);
+	if (d->family == AF_INET) {
+		__builtin_memcpy(k4.addr, d->addr, 4);
 		v4 = true;
-	} else if (family == AF_INET6) {
-		struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)address;
-		port = __builtin_bswap16(BPF_CORE_READ(sin6, sin6_port));
-		bpf_probe_read_kernel(k6.addr, 16, &sin6->sin6_addr);
+	} else if (d->family == AF_INET6) {
+		__builtin_memcpy(k6.addr, d->addr, 16);
 		/* ::ffff:a.b.c.d is an IPv4 peer: judge it by the IPv4 rules, so it is no way around them. */
 		v4 = !k6.addr[0] && !k6.addr[1] && !k6.addr[2] && !k6.addr[3] && !k6.addr[4] && !k6.addr[5] &&
 		     !k6.addr[6] && !k6.addr[7] && !k6.addr[8] && !k6.addr[9] && k6.addr[10] == 0xff &&
@@ -255,9 +253,8 @@ static __always_inline int judge_net(struct assay_config *cfg, struct sock *sk, 
 	/* A wildcard destination (0.0.0.0, ::, ::ffff:0.0.0.0) reaches this very host: the socket's
 	 * bound address, or loopback (ip_route_output_key_hash_rcu, tcp_v6_connect). */
 	if (v4 && !k4.addr[0] && !k4.addr[1] && !k4.addr[2] && !k4.addr[3]) {
-		__u32 bound = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
-		if (bound)
-			__builtin_memcpy(k4.addr, &bound, 4);
+		if (d->bound4)
+			__builtin_memcpy(k4.addr, &d->bound4, 4);
 		else
 			k4.addr[0] = 127, k4.addr[3] = 1;
 	} else if (!v4) {
@@ -272,20 +269,75 @@ static __always_inline int judge_net(struct assay_config *cfg, struct sock *sk, 
 		if (cfg->net_rules & ASSAY_NET_DENY4)
 			deny = net_verdict(bpf_map_lookup_elem(&net_deny4, &k4),
 					   (cfg->net_rules & ASSAY_NET_ALLOW4) ? bpf_map_lookup_elem(&net_allow4, &k4) : NULL,
-					   port);
+					   d->port);
 	} else {
 		if (cfg->net_rules & ASSAY_NET_DENY6)
 			deny = net_verdict(bpf_map_lookup_elem(&net_deny6, &k6),
 					   (cfg->net_rules & ASSAY_NET_ALLOW6) ? bpf_map_lookup_elem(&net_allow6, &k6) : NULL,
-					   port);
+					   d->port);
 	}
 	if (!deny)
 		return 0;
 	if (v4)
-		emit_net_block(deny, AF_INET, port, proto, op, k4.addr, 4);
+		emit_net_block(deny, AF_INET, d->port, d->proto, op, k4.addr, 4);
 	else
-		emit_net_block(deny, AF_INET6, port, proto, op, k6.addr, 16);
-	return act(deny->action, deny->rule_id);
+		emit_net_block(deny, AF_INET6, d->port, d->proto, op, k6.addr, 16);
+	return can_signal ? act(deny->action, deny->rule_id) : act_by_request(deny->action, deny->rule_id);
+}
+
+/* The net rules' verdict on a kernel copy of the caller's sockaddr (the LSM and fmod_ret hooks). */
+static __always_inline int judge_net(struct assay_config *cfg, struct sock *sk, struct sockaddr *address,
+				     __u16 op)
+{
+	struct net_dest d = {.family = BPF_CORE_READ(address, sa_family), .proto = BPF_CORE_READ(sk, sk_protocol)};
+
+	/* The inet send paths (udp_sendmsg, raw_sendmsg, rawv6_sendmsg) take a destination whose
+	 * family is AF_UNSPEC as one of the socket's own family. (For connect(2), AF_UNSPEC means
+	 * disconnect: nothing to judge.) */
+	if (d.family == AF_UNSPEC && op == ASSAY_NET_OP_SENDMSG)
+		d.family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (d.family == AF_INET) {
+		struct sockaddr_in *sin = (struct sockaddr_in *)address;
+		d.port = __builtin_bswap16(BPF_CORE_READ(sin, sin_port));
+		bpf_probe_read_kernel(d.addr, 4, &sin->sin_addr);
+	} else if (d.family == AF_INET6) {
+		struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)address;
+		d.port = __builtin_bswap16(BPF_CORE_READ(sin6, sin6_port));
+		bpf_probe_read_kernel(d.addr, 16, &sin6->sin6_addr);
+	} else {
+		return 0;
+	}
+	d.bound4 = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+	return judge_dest(cfg, &d, op, true);
+}
+
+/* The cgroup sock_addr form (the host backend): connect4/6 and sendmsg4/6 see the destination
+ * after the kernel parsed it (AF_UNSPEC sends already resolved to the socket's family). Returns
+ * the cgroup verdict: 1 lets the call go on, 0 fails it with EPERM. */
+static __always_inline int decide_sock_addr(struct bpf_sock_addr *ctx, __u16 family, __u16 op)
+{
+	struct assay_config *cfg = ENFORCING(c_->net_rules);
+	struct net_dest d = {.family = family};
+
+	if (!cfg || !in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
+		return 1;
+	d.port = __builtin_bswap16((__u16)ctx->user_port);
+	d.proto = ctx->protocol;
+	/* family is a constant: each program reads only the fields its attach type may */
+	if (family == AF_INET) {
+		__u32 a = ctx->user_ip4;
+		__builtin_memcpy(d.addr, &a, 4);
+		struct bpf_sock *sk = ctx->sk;
+		if (sk)
+			d.bound4 = sk->src_ip4;
+	} else {
+		__u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];
+		__builtin_memcpy(d.addr, &a0, 4);
+		__builtin_memcpy(d.addr + 4, &a1, 4);
+		__builtin_memcpy(d.addr + 8, &a2, 4);
+		__builtin_memcpy(d.addr + 12, &a3, 4);
+	}
+	return judge_dest(cfg, &d, op, false) ? 0 : 1;
 }
 
 /* ---------------------------------------------------------------- source routes
@@ -353,6 +405,23 @@ static __always_inline int decide_socket_setsockopt(struct socket *sock, int lev
 	if (!is_source_route(cfg, level, optname) || !in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
 		return 0;
 	return refuse_source_route(sock);
+}
+
+/* The host backend's setsockopt form: 1 lets the call go on, 0 fails it (EPERM). The kernel
+ * passes optval on, untouched, whatever the verdict. */
+static __always_inline int decide_cgroup_setsockopt(struct bpf_sockopt *ctx)
+{
+	struct assay_config *cfg = ENFORCING(c_->net_rules);
+	struct assay_port_range builtin = {.rule_id = 0, .action = ASSAY_ACT_DENY};
+	__u8 none[16] = {};
+
+	ctx->optlen = ctx->optlen;   /* (the kernel uses the caller's optval as is for optlen unchanged) */
+	if (!cfg || !is_source_route(cfg, ctx->level, ctx->optname) ||
+	    !in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
+		return 1;
+	struct bpf_sock *sk = ctx->sk;
+	emit_net_block(&builtin, sk ? sk->family : 0, 0, sk ? sk->protocol : 0, ASSAY_NET_OP_SOURCE_ROUTE, none, 16);
+	return 0;
 }
 
 /* The socket_connect decision (lsm/socket_connect, fmod_ret/security_socket_connect). */

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fail-closed gate for pipelines: proves that this kernel really enforces an Assay policy, through
-# whichever backend `assay monitor` picks (lsm or fmod_ret), and says which one.
+# whichever backend `assay monitor` picks (lsm, fmod_ret or host), and says which one.
 #   1. `assay doctor` passes (at least one enforcement backend loads and attaches);
 #   2. a canary file denied by a policy gives EPERM to a workload under `assay monitor`;
 #   3. a neighbour file still opens;
