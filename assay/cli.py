@@ -165,6 +165,38 @@ def doctor(
     raise typer.Exit(doc.verdict(checks))
 
 
+@app.command()
+def report(
+    events: str = typer.Argument(..., metavar="EVENTS.jsonl", help="An event log (--output) or run record (--record)."),
+    fmt: str = typer.Option("markdown", "--format", help="markdown (a GitHub job summary), text or json."),
+    workspace: Optional[str] = typer.Option(None, "--workspace", envvar="GITHUB_WORKSPACE", show_envvar=False,
+                                            help="List files written below this directory "
+                                                 "(default: $GITHUB_WORKSPACE)."),
+    monitor_log: Optional[str] = typer.Option(None, "--monitor-log", help="The monitor's stderr: its summary "
+                                                                           "line (dropped, lost) and resolved "
+                                                                           "host names."),
+    max_bytes: int = typer.Option(65536, "--max-bytes", help="Markdown size bound (0: none); lists are cut "
+                                                              "to fit, with a note."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Append the report to FILE "
+                                                                       "(e.g. $GITHUB_STEP_SUMMARY)."),
+) -> None:
+    """Summarise an event log for people: verdict, blocked events and their processes, destinations, files."""
+    from assay import report as rep
+
+    if max_bytes < 0 or 0 < max_bytes < 1024:
+        raise UsageError(f"--max-bytes: {max_bytes} must be 0 (no bound) or at least 1024")
+    text = rep.report_file(events, fmt, workspace=workspace, monitor_log=monitor_log,
+                           max_bytes=max_bytes or None)
+    if output:
+        try:
+            with open(output, "a", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:
+            raise UsageError(f"--output {output}: {e.strerror}") from None
+    else:
+        typer.echo(text, nl=False)
+
+
 profile_app = typer.Typer(no_args_is_help=True, help="Learning mode: merge recorded runs into a stability profile.")
 app.add_typer(profile_app, name="profile")
 DEFAULT_PROFILE = "assay-profile.yaml"
