@@ -59,6 +59,9 @@ def monitor(
     ready_file: Optional[str] = typer.Option(None, "--ready-file", help="Write the monitor's pid to FILE once "
                                                                          "its programs are attached and the scope "
                                                                          "is set (systemd: READY=1 is sent too)."),
+    stop_file: Optional[str] = typer.Option(None, "--stop-file", help="FILE holds a secret token at start "
+                                                                       "(read, then removed); writing the same "
+                                                                       "token to FILE later stops the monitor."),
     command: List[str] = typer.Argument(None, metavar="[-- COMMAND [ARGS]...]"),
 ) -> None:
     """Stream the events of a process tree, a cgroup, or a command started in scope."""
@@ -81,7 +84,8 @@ def monitor(
                           duration=parse_duration(duration) if duration else None, fmt=fmt, output=output_path,
                           ebpf=ebpf, ringbuf_size=ringbuf_size, enforcer=enforcer, wait_all=wait_all,
                           scope_grace=parse_duration(scope_grace), max_scope=max_scope,
-                          protect=not no_protect, ready_file=ready_file)
+                          protect=not no_protect, ready_file=ready_file,
+                          stop_file=stop_file)
     recorder = None
     if record:
         from assay import learning
