@@ -201,6 +201,31 @@ def report(
         typer.echo(text, nl=False)
 
 
+action_app = typer.Typer(no_args_is_help=True, help="The GitHub Action's steps (action/main.js and action/post.js "
+                                                     "run these); read INPUT_* and the runner's files.")
+app.add_typer(action_app, name="action")
+
+
+@action_app.command("main")
+def action_main() -> None:
+    """Check the runner, start the monitor on the job's process tree, wait until it is attached."""
+    import os
+
+    from assay.action import main as act
+
+    raise typer.Exit(act.run(os.environ))
+
+
+@action_app.command("post")
+def action_post() -> None:
+    """Stop the monitor, append the report to $GITHUB_STEP_SUMMARY, exit 1 per fail-on."""
+    import os
+
+    from assay.action import post as act
+
+    raise typer.Exit(act.run(os.environ))
+
+
 profile_app = typer.Typer(no_args_is_help=True, help="Learning mode: merge recorded runs into a stability profile.")
 app.add_typer(profile_app, name="profile")
 DEFAULT_PROFILE = "assay-profile.yaml"
