@@ -4,12 +4,13 @@ from __future__ import annotations
 import html
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from assay.report.model import Incident, Report, top
+from assay.report.model import OUTSIDE, Incident, Report, top
 
 DEFAULT_MAX_BYTES = 64 << 10
 DETAILS_AT = 10                         # lists longer than this fold into <details>
-LIMITS = (200, 100, 50, 25, 10, 5, 2, 0)  # rows per list, tried in turn until the text fits
-INCIDENT_FACTOR = 4                     # blocked/alerted events keep more rows than other lists
+# (blocked/alerted events, rows of every other list), tried in turn until the text fits: the other
+# lists shrink to nothing before the blocked events do
+LIMITS = tuple((800, n) for n in (200, 100, 50, 25, 10, 5, 2, 0)) + tuple((n, 0) for n in (200, 50, 10, 2, 0))
 
 
 def esc(s: object) -> str:
@@ -19,6 +20,8 @@ def esc(s: object) -> str:
 
 
 def _table(head: Sequence[str], rows: List[Sequence[str]]) -> List[str]:
+    if not rows:
+        return []
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return out
@@ -34,17 +37,17 @@ def _cut(notes: List[str], what: str, left: int) -> List[str]:
     if not left:
         return []
     notes.append(f"{left} {what}")
-    return ["", f"_… and {left} more {what} (cut to fit; `assay report --format json` lists all)_"]
+    return ["", f"_{left} more {what} not shown (cut to fit; `assay report --format json` lists all)_"]
 
 
 def _chain(i: Incident) -> str:
-    return " ← ".join(f"{esc(l.name)} ({l.pid})" for l in i.chain)
+    return " ← ".join(f"{l.name if l.name == OUTSIDE else esc(l.name)} ({l.pid})" for l in i.chain)
 
 
 def _incidents(r: Report, n: int, notes: List[str]) -> List[str]:
     if not r.incidents:
         return []
-    rows, left = top(r.incidents, n * INCIDENT_FACTOR)
+    rows, left = top(r.incidents, n)
     body = _table(["time", "verdict", "rule", "what", "process ← parents"],
                   [[esc(i.ts), i.verdict, esc(i.rule), f"{i.kind} {esc(i.target)}", _chain(i)] for i in rows])
     return ["### Blocked and alerted events", ""] + _fold(f"{len(r.incidents)} events", body, len(rows)) + \
@@ -63,9 +66,13 @@ def _dests(r: Report, n: int, notes: List[str]) -> List[str]:
     head = [f"### Network destinations ({len(r.dests)})", ""]
     if not r.dests:
         return head + ["None.", ""]
-    body = _table(["destination", "host name", "attempts", "failed", "blocked", "processes"], [
-        [esc(d.endpoint), esc(d.host) if d.host else "", str(d.attempts), str(d.failed), str(d.blocked),
-         ", ".join(esc(c) for c in d.comms)] for d in rows])
+    if r.kind == "record":   # a run record counts connects per destination, nothing more
+        body = _table(["destination", "host name", "connects"], [
+            [esc(d.endpoint), esc(d.host) if d.host else "", str(d.attempts)] for d in rows])
+    else:
+        body = _table(["destination", "host name", "attempts", "failed", "blocked", "processes"], [
+            [esc(d.endpoint), esc(d.host) if d.host else "", str(d.attempts), str(d.failed), str(d.blocked),
+             ", ".join(esc(c) for c in d.comms)] for d in rows])
     return head + _fold(f"{len(r.dests)} destinations", body, len(rows)) + _cut(notes, "destinations", left) + [""]
 
 
@@ -103,7 +110,7 @@ def _procs(r: Report, n: int, notes: List[str]) -> List[str]:
         body = _table(["program", "runs"], [[esc(p), str(k)] for p, k in rows])
         return head + (_fold(f"{len(r.execs)} programs", body, len(rows)) if rows else ["None."]) + \
             _cut(notes, "programs", left) + [""]
-    rows, left = top(r.procs, n * 2)
+    rows, left = top(r.procs, n * 2)   # a tree line is short
     head = [f"### Processes ({len(r.procs)})", ""]
     if not rows:
         return head + (["None."] if not r.procs else []) + _cut(notes, "processes", left) + [""]
@@ -153,10 +160,11 @@ def _header(r: Report) -> List[str]:
     return [title, "", "; ".join(facts) + ".", ""]
 
 
-def _render(r: Report, n: int) -> Tuple[str, List[str]]:
+def _render(r: Report, limits: Tuple[int, int]) -> Tuple[str, List[str]]:
     notes: List[str] = []
+    k, n = limits
     parts: List[Callable[[], List[str]]] = [
-        lambda: _header(r), lambda: _rules(r), lambda: _incidents(r, n, notes), lambda: _dests(r, n, notes),
+        lambda: _header(r), lambda: _rules(r), lambda: _incidents(r, k, notes), lambda: _dests(r, n, notes),
         lambda: _written(r, n, notes), lambda: _dirs(r, n, notes), lambda: _procs(r, n, notes),
         lambda: _counts(r)]
     lines: List[str] = []
@@ -168,10 +176,10 @@ def _render(r: Report, n: int) -> Tuple[str, List[str]]:
 def render(r: Report, max_bytes: Optional[int] = DEFAULT_MAX_BYTES) -> str:
     """The Markdown, at most max_bytes of UTF-8: lists are shortened until it fits, and say so."""
     if max_bytes is None:
-        return _render(r, 1 << 30)[0]
+        return _render(r, (1 << 30, 1 << 30))[0]
     text = ""
-    for n in LIMITS:
-        text, notes = _render(r, n)
+    for limits in LIMITS:
+        text, notes = _render(r, limits)
         if notes:
             text += f"\n_Cut to fit {max_bytes} bytes: {'; '.join(notes)} not shown._\n"
         if len(text.encode()) <= max_bytes:

@@ -13,6 +13,7 @@ from assay.report.load import EventLog
 BLOCKED = ("file_blocked", "exec_blocked", "net_blocked", "tamper_blocked")
 ALERTED = ("file_alert", "exec_alert", "net_alert")
 WRITE_FLAGS = ("O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC", "O_APPEND")
+OUTSIDE = "(outside the log)"   # a parent the log never showed (the scope's root, e.g. the runner)
 CHAIN_MAX = 16          # ancestors shown per incident (a pid loop in a hand-made log stops here too)
 FILES_PER_DIR = 3       # example files named per directory
 
@@ -171,7 +172,7 @@ class _Procs:
         while pid not in seen and len(out) < CHAIN_MAX:
             seen.add(pid)
             if pid not in self.parent:
-                out.append(Link(pid, "(outside the log)"))
+                out.append(Link(pid, OUTSIDE))
                 break
             out.append(Link(pid, self.name[pid]))
             pid = self.parent[pid]
