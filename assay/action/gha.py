@@ -14,8 +14,10 @@ STATE = "ASSAY"        # the post step reads it back as STATE_ASSAY
 
 
 def _input(env: Mapping[str, str], name: str, default: str = "") -> str:
-    # The runner upper-cases the name and keeps hyphens: INPUT_FAIL-ON, INPUT_SCOPE-PID.
-    return env.get(f"INPUT_{name.upper()}", "").strip() or default
+    # The runner upper-cases the name and keeps hyphens (INPUT_FAIL-ON); the launcher adds INPUT_FAIL_ON,
+    # since a shell between it and us drops names with hyphens.
+    key = f"INPUT_{name.upper()}"
+    return (env.get(key) or env.get(key.replace("-", "_")) or "").strip() or default
 
 
 @attrs.frozen
