@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,7 +29,7 @@ ERROR = re.compile(r"^assay: error: (?P<path>.+?):(?P<line>\d+):(?P<col>\d+): \S
 def run_cli(args):
     """The CLI in this process (hypothesis runs it thousands of times): (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
-    old = sys.argv
+    old, logging = sys.argv, structlog.get_config()   # the CLI points structlog at our stderr: undo it after
     sys.argv = ["assay"] + [str(a) for a in args]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -39,6 +40,7 @@ def run_cli(args):
                 code = e.code if isinstance(e.code, int) else 1
     finally:
         sys.argv = old
+        structlog.configure(**logging)
     return code, out.getvalue(), err.getvalue()
 
 
