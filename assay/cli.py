@@ -59,6 +59,9 @@ def monitor(
     ready_file: Optional[str] = typer.Option(None, "--ready-file", help="Write the monitor's pid to FILE once "
                                                                          "its programs are attached and the scope "
                                                                          "is set (systemd: READY=1 is sent too)."),
+    stop_file: Optional[str] = typer.Option(None, "--stop-file", help="FILE holds a secret token at start "
+                                                                       "(read, then removed); writing the same "
+                                                                       "token to FILE later stops the monitor."),
     command: List[str] = typer.Argument(None, metavar="[-- COMMAND [ARGS]...]"),
 ) -> None:
     """Stream the events of a process tree, a cgroup, or a command started in scope."""
@@ -81,7 +84,8 @@ def monitor(
                           duration=parse_duration(duration) if duration else None, fmt=fmt, output=output_path,
                           ebpf=ebpf, ringbuf_size=ringbuf_size, enforcer=enforcer, wait_all=wait_all,
                           scope_grace=parse_duration(scope_grace), max_scope=max_scope,
-                          protect=not no_protect, ready_file=ready_file)
+                          protect=not no_protect, ready_file=ready_file,
+                          stop_file=stop_file)
     recorder = None
     if record:
         from assay import learning
@@ -163,6 +167,63 @@ def doctor(
     checks = doc.run_checks(ebpf or default_object_path())
     typer.echo(json.dumps(doc.as_dict(checks), indent=2) if fmt == "json" else doc.as_text(checks))
     raise typer.Exit(doc.verdict(checks))
+
+
+@app.command()
+def report(
+    events: str = typer.Argument(..., metavar="EVENTS.jsonl", help="An event log (--output) or run record (--record)."),
+    fmt: str = typer.Option("markdown", "--format", help="markdown (a GitHub job summary), text or json."),
+    workspace: Optional[str] = typer.Option(None, "--workspace", envvar="GITHUB_WORKSPACE", show_envvar=False,
+                                            help="List files written below this directory "
+                                                 "(default: $GITHUB_WORKSPACE)."),
+    monitor_log: Optional[str] = typer.Option(None, "--monitor-log", help="The monitor's stderr: its summary "
+                                                                           "line (dropped, lost) and resolved "
+                                                                           "host names."),
+    max_bytes: int = typer.Option(65536, "--max-bytes", help="Markdown size bound (0: none); lists are cut "
+                                                              "to fit, with a note."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Append the report to FILE "
+                                                                       "(e.g. $GITHUB_STEP_SUMMARY)."),
+) -> None:
+    """Summarise an event log for people: verdict, blocked events and their processes, destinations, files."""
+    from assay import report as rep
+
+    if max_bytes < 0 or 0 < max_bytes < 1024:
+        raise UsageError(f"--max-bytes: {max_bytes} must be 0 (no bound) or at least 1024")
+    text = rep.report_file(events, fmt, workspace=workspace, monitor_log=monitor_log,
+                           max_bytes=max_bytes or None)
+    if output:
+        try:
+            with open(output, "a", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:
+            raise UsageError(f"--output {output}: {e.strerror}") from None
+    else:
+        typer.echo(text, nl=False)
+
+
+action_app = typer.Typer(no_args_is_help=True, help="The GitHub Action's steps (action/main.js and action/post.js "
+                                                     "run these); read INPUT_* and the runner's files.")
+app.add_typer(action_app, name="action")
+
+
+@action_app.command("main")
+def action_main() -> None:
+    """Check the runner, start the monitor on the job's process tree, wait until it is attached."""
+    import os
+
+    from assay.action import main as act
+
+    raise typer.Exit(act.run(os.environ))
+
+
+@action_app.command("post")
+def action_post() -> None:
+    """Stop the monitor, append the report to $GITHUB_STEP_SUMMARY, exit 1 per fail-on."""
+    import os
+
+    from assay.action import post as act
+
+    raise typer.Exit(act.run(os.environ))
 
 
 profile_app = typer.Typer(no_args_is_help=True, help="Learning mode: merge recorded runs into a stability profile.")

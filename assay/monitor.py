@@ -64,6 +64,7 @@ class MonitorOptions:
     max_scope: int = DEFAULT_MAX_SCOPE  # scope_pids capacity (processes and threads of the scope)
     protect: bool = True              # self-protection while a policy enforces (--no-protect)
     ready_file: Optional[str] = None  # written (our pid) once programs are attached and the scope is set
+    stop_file: Optional[str] = None   # holds a token at start; the same token written there later stops us
 
 
 @attrs.define
@@ -181,6 +182,7 @@ class Monitor:
         self.net_plan: Optional[enforce.NetPlan] = None
         self._cfg: Optional[abi.Config] = None
         self.agent = None                 # the host backend's fanotify side, while it runs
+        self._stop_token: Optional[str] = None
 
     # ------------------------------------------------------------ setup
     def load(self) -> Object:
@@ -395,6 +397,13 @@ class Monitor:
         for pid in opts.scope.pids:
             if not os.path.exists(f"/proc/{pid}"):
                 raise UsageError(f"--pid {pid}: no such process")
+        if opts.stop_file:
+            try:
+                self._stop_token = notify.take_stop_token(opts.stop_file)
+            except OSError as e:
+                raise UsageError(f"--stop-file {opts.stop_file}: {e.strerror}") from None
+            except ValueError as e:
+                raise UsageError(f"--stop-file {opts.stop_file}: {e}") from None
         self.prepare_policy()
         cgroup_id = self.resolve_cgroup()
         self.load()
@@ -428,6 +437,8 @@ class Monitor:
             stop_at = None
             while True:
                 self._tick(rb)
+                if self._stop_token and not self._stop:
+                    self._check_stop_file()
                 if self._child:
                     pid, wstatus = os.waitpid(self._child, os.WNOHANG)
                     if pid:
@@ -523,6 +534,13 @@ class Monitor:
             except OSError as e:
                 raise UsageError(f"--ready-file {self.opts.ready_file}: {e.strerror}") from None
         notify.sd_notify(f"READY=1\nMAINPID={os.getpid()}")
+
+    def _check_stop_file(self) -> None:
+        asked = notify.stop_requested(self.opts.stop_file, self._stop_token)
+        if asked:
+            self._handle_signal(signal.SIGTERM, None)   # the same way out as SIGTERM
+        elif asked is False:
+            output.say(f"assay: warning: {self.opts.stop_file} did not hold the stop token: ignored and removed")
 
     def _end_scope(self, rb: RingBuffer) -> None:
         """The command has exited: wait for what is left in its scope (--wait-all), or end it."""

@@ -1,4 +1,4 @@
-"""Readiness: tell a service manager (sd_notify) or a launcher (--ready-file) that programs are attached."""
+"""Launchers: readiness (sd_notify, --ready-file) and a stop request that only the launcher can make (--stop-file)."""
 from __future__ import annotations
 
 import os
@@ -34,3 +34,34 @@ def write_ready_file(path: str, pid: int) -> None:
     with open(tmp, "w") as fh:
         fh.write(f"{pid}\n")
     os.replace(tmp, path)
+
+
+def take_stop_token(path: str) -> str:
+    """Reads the secret a launcher left at PATH and removes the file; the launcher stops the monitor
+    later by writing the same secret there. Signals cannot serve: self-protection refuses every
+    signal from the scope, and a launcher's post step (a GitHub Action's) runs in the scope."""
+    with open(path, "rb") as fh:
+        token = fh.read(4096).strip()
+    os.unlink(path)
+    if len(token) < 16:
+        raise ValueError("the token must be at least 16 bytes")
+    return token.decode("ascii", "replace")
+
+
+def stop_requested(path: str, token: str) -> Optional[bool]:
+    """None while PATH is absent; True once it holds the token; False (and removed) if it holds
+    anything else, so a wrong guess is reported once and costs the next guess a new write."""
+    try:
+        with open(path, "rb") as fh:
+            got = fh.read(4096).strip().decode("ascii", "replace")
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return False
+    if got == token:
+        return True
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    return False

@@ -282,3 +282,38 @@ def test_sd_notify_without_a_manager_is_a_no_op(tmp_path):
     assert notify.sd_notify("READY=1", env={"NOTIFY_SOCKET": "@" + name}) is True
     assert sock.recv(64) == b"READY=1"
     sock.close()
+
+
+def test_stop_file_stops_the_monitor_only_with_its_token(assay_cmd, tmp_path):
+    # The launcher's way to stop it: self-protection refuses signals from the scope (docs/action.md).
+    sleeper = subprocess.Popen(["sleep", "60"])
+    stop, ready, out = tmp_path / "stop", tmp_path / "ready", tmp_path / "ev.jsonl"
+    token = "a" * 64
+    stop.write_text(token + "\n")
+    try:
+        p = subprocess.Popen(assay_cmd + ["monitor", "--pid", str(sleeper.pid), "-o", str(out), "--ready-file",
+                                          str(ready), "--stop-file", str(stop)],
+                             stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        assert ready.exists() and not stop.exists(), "the token file is taken (removed) before ready"
+        stop.write_text("b" * 64 + "\n")
+        time.sleep(1.0)
+        assert p.poll() is None and not stop.exists(), "a wrong token must neither stop it nor stay"
+        stop.write_text(token + "\n")
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 0, err
+        assert "did not hold the stop token: ignored and removed" in err
+        assert summary_of(err)["exit_status"] is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_stop_file_missing_or_short_is_a_usage_error(assay_cmd, tmp_path):
+    p = run_monitor(assay_cmd, ["--pid", str(os.getpid()), "--stop-file", str(tmp_path / "none")])
+    assert p.returncode == 1 and "--stop-file" in p.stderr and "No such file" in p.stderr
+    (tmp_path / "short").write_text("abc")
+    p = run_monitor(assay_cmd, ["--pid", str(os.getpid()), "--stop-file", str(tmp_path / "short")])
+    assert p.returncode == 1 and "at least 16 bytes" in p.stderr

@@ -25,6 +25,11 @@ def test_wheel_ships_the_bpf_object_and_names_libbpf(wheel):
         names = z.namelist()
         meta = z.read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert "assay/data/assay.bpf.o" in names
+    # every subpackage, e.g. the ones `assay report` and the GitHub Action's steps import
+    for pkg in sorted({os.path.dirname(p) for p in glob.glob(os.path.join(ROOT, "assay", "**", "__init__.py"),
+                                                             recursive=True)}):
+        rel = os.path.relpath(pkg, ROOT).replace(os.sep, "/")
+        assert f"{rel}/__init__.py" in names, rel
     assert not any(n.endswith((".c", ".h")) for n in names)
     assert "libbpf" in meta  # the system libbpf requirement is stated in the metadata
     assert wheel.endswith("-py3-none-any.whl")

@@ -172,3 +172,31 @@ def test_release_workflow_gates_builds_tests_and_publishes():
                if any(v == "write" for v in (j.get("permissions") or {}).values())}
     assert writers == {"github-release"}
     assert "${{ secrets." not in "\n".join(runs.values())  # secrets reach scripts via env only
+
+
+def test_action_yml_is_a_node20_action_with_the_issues_inputs():
+    doc = YAML(typ="safe", pure=True).load((REPO / "action.yml").read_text())
+    assert doc["runs"]["using"] == "node20"
+    for key in ("main", "post"):
+        assert (REPO / doc["runs"][key]).is_file(), doc["runs"][key]
+    assert set(doc["inputs"]) == {"policy", "mode", "version", "install", "scope-pid", "fail-on", "events"}
+    defaults = {k: v.get("default") for k, v in doc["inputs"].items()}
+    assert defaults["mode"] == "audit" and defaults["install"] == "true" and defaults["fail-on"] == "blocked"
+    assert "events" in doc["outputs"]
+    # JS stays a thin launcher: node's own modules only, no package.json, no node_modules
+    for js in (REPO / "action").glob("*.js"):
+        for mod in __import__("re").findall(r"require\('([^']+)'\)", js.read_text()):
+            assert mod in ("child_process", "fs", "os", "path", "./lib"), (js.name, mod)
+    assert not (REPO / "action" / "package.json").exists() and not (REPO / "node_modules").exists()
+
+
+def test_action_example_runs_the_local_action_in_audit_mode_on_a_hosted_runner():
+    doc = _load("action-example.yml")
+    job = doc["jobs"]["audit"]
+    assert job["runs-on"].startswith("ubuntu-")
+    steps = job["steps"]
+    i = next(n for n, s in enumerate(steps) if s.get("uses") == "./")
+    assert steps[i]["with"]["mode"] == "audit"
+    assert any("run" in s for s in steps[i + 1:]), "no step after the guard for it to watch"
+    upload = [s for s in steps[i + 1:] if str(s.get("uses", "")).startswith("actions/upload-artifact@")]
+    assert upload and upload[0]["if"] == "always()" and "steps.assay.outputs.events" in upload[0]["with"]["path"]

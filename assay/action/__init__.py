@@ -1,0 +1,1 @@
+"""The GitHub Action's two steps, `assay action main` and `assay action post`, which action/*.js launch."""
