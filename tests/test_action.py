@@ -59,6 +59,12 @@ def _enforcement_available() -> bool:
     return subprocess.run([sys.executable, "-m", "assay", "doctor"], capture_output=True).returncode == 0
 
 
+def _host_only() -> bool:
+    """Only the host backend enforces here (no BPF trampolines): as on GitHub's hosted runners."""
+    p = subprocess.run([sys.executable, "-m", "assay", "doctor", "--format", "json"], capture_output=True, text=True)
+    return json.loads(p.stdout).get("enforcer") == "host"
+
+
 @needs_node
 @pytest.mark.root
 def test_steps_are_in_the_log_outsiders_are_not_and_the_summary_is_written(tmp_path, assay_bin, listener):
@@ -90,19 +96,60 @@ def test_steps_are_in_the_log_outsiders_are_not_and_the_summary_is_written(tmp_p
 
 @needs_node
 @pytest.mark.root
-def test_enforce_mode_where_nothing_enforces_fails_with_40_and_doctors_reasons(tmp_path, assay_bin):
-    if _enforcement_available():
-        pytest.skip("this host can enforce (assay doctor exits 0): the refusal cannot be shown here")
+def test_enforce_mode_with_a_policy_no_backend_enforces_fails_with_40(tmp_path, assay_bin):
+    """A subtree on /proc: the trampoline backends would judge it, the host backend cannot watch it.
+    Where neither trampoline backend loads (this host), the monitor exits 40 and main with it."""
+    if _enforcement_available() and not _host_only():
+        pytest.skip("this kernel runs BPF trampoline programs, which enforce a /proc subtree")
     pol = tmp_path / "p.yaml"
-    pol.write_text('version: "2.0"\nname: t\nruntime_monitor:\n  rules:\n    - id: no-secret\n      type: file_open\n'
-                   f'      match: {{ path_globs: ["{pol}"] }}\n      action: deny\n')
+    pol.write_text('version: "2.0"\nname: t\nruntime_monitor:\n  rules:\n    - id: no-sysctl\n      type: file_open\n'
+                   '      match: { path_globs: ["/proc/sys/**"] }\n      action: deny\n')
     job = Job(tmp_path)
     main, post = job.run(MAIN, POST, [], {"install": "false", "mode": "enforce", "policy": str(pol)},
                          extra_path=assay_bin)
     assert main["rc"] == 40, main
-    assert "::error::assay doctor: [FAIL] enforcer_fmod_ret" in main["stdout"]
-    assert "::error::assay: mode enforce, but no backend can enforce on this runner (exit 40)" in main["stdout"]
+    assert "rule no-sysctl: the host backend cannot watch /proc/sys" in main["stdout"]
+    assert "::error::assay: the monitor exited with status 40 before it was ready" in main["stdout"]
     assert post["rc"] == 0 and "started no monitor" in post["stdout"]
+
+
+@needs_node
+@pytest.mark.root
+def test_enforce_mode_blocks_a_later_step_and_post_fails_the_job(tmp_path, assay_bin):
+    """As on a hosted runner (no BPF LSM, no trampolines here): the host backend denies a later
+    step a file and a connect; post lists both and fails the job."""
+    if not _enforcement_available():
+        pytest.skip("no backend enforces here (assay doctor): the guests show this case")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s3cret")
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port = srv.getsockname()[1]
+    pol = tmp_path / "policy.yaml"
+    pol.write_text('version: "2.0"\nname: ci\nruntime_monitor:\n  rules:\n'
+                   f'    - id: no-secret\n      type: file_open\n      match: {{ path_globs: ["{secret}"] }}\n'
+                   '      action: deny\n'
+                   f'    - id: no-exfil\n      type: net_connect\n      match: {{ dest_globs: ["127.0.0.1:{port}"] }}\n'
+                   '      action: deny\n')
+    job = Job(tmp_path)
+    step = ["sh", "-c", f"cat {secret}; {sys.executable} -c 'import socket; "
+                        f"socket.create_connection((\"127.0.0.1\", {port}))'; echo done"]
+    try:
+        main, s1, post = job.run(MAIN, POST, [step], {"install": "false", "mode": "enforce", "policy": str(pol)},
+                                 extra_path=assay_bin)
+    finally:
+        srv.close()
+    assert main["rc"] == 0, main
+    assert "attached: enforcing" in main["stdout"]
+    assert "Operation not permitted" in s1["stderr"] and "s3cret" not in s1["stdout"], s1
+    assert post["rc"] == 1, post
+    assert f"::error::assay: blocked file {secret} (rule no-secret)" in post["stdout"]
+    assert f"::error::assay: blocked net 127.0.0.1:{port} (rule no-exfil)" in post["stdout"]
+    summary = job.read("summary.md")
+    assert summary.startswith("## Assay: 2 blocked, 0 alerted\n"), summary[:300]
+    evs = job.events()
+    assert {e["enforcer"] for e in evs if e["type"] in ("file_blocked", "net_blocked")} == {"host"}
 
 
 @needs_node
