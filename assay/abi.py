@@ -41,6 +41,20 @@ class Tamper(enum.IntEnum):
     BPF_PROG = 2
     SIGNAL = 3
     PTRACE = 4
+    BLOCK_DEVICE = 5
+    KERNEL_MEMORY = 6
+    KNOB = 7
+    MODULE = 8
+    MOUNT = 9
+    BPF_LINK = 10
+
+
+class Knob(enum.IntEnum):
+    CORE_PATTERN = 1
+    MODPROBE = 2
+    HOTPLUG = 3
+    UEVENT_HELPER = 4
+    BINFMT = 5
 
 
 class Action(enum.IntEnum):
@@ -82,6 +96,7 @@ ENUMS = {
     "assay_open_syscall": (OpenSyscall, "ASSAY_SYS_"),
     "assay_net_op": (NetOp, "ASSAY_NET_OP_"),
     "assay_tamper": (Tamper, "ASSAY_TAMPER_"),
+    "assay_knob": (Knob, "ASSAY_KNOB_"),
 }
 
 
@@ -89,7 +104,7 @@ class Config(ctypes.Structure):
     _fields_ = [("scope_all", u32), ("scope_cgroup", u32), ("cgroup_id", u64),
                 ("monitor_tgid", u32), ("event_mask", u32), ("enforce", u32), ("file_rules", u32),
                 ("exec_rules", u32), ("net_rules", u32), ("scope_limit", u32), ("scope_user", s32),
-                ("protect", u32), ("watchdog_tgid", u32)]
+                ("protect", u32), ("watchdog_tgid", u32), ("protect_mounts", u32)]
 
 
 class Lpm4Key(ctypes.Structure):

@@ -63,6 +63,20 @@ class Link:
         self._ptr = ptr
         self.program = program
 
+    def id(self) -> Optional[int]:
+        """The kernel's id of this link (BPF_LINK_GET_FD_BY_ID takes it), None for an attachment
+        that is no bpf_link (a perf event on kernels before bpf_link for tracepoints)."""
+        if not self._ptr or lib().bpf_link__fd is None:
+            return None
+        fd = lib().bpf_link__fd(self._ptr)
+        if fd < 0:
+            return None
+        info = (ctypes.c_uint32 * 32)()   # struct bpf_link_info: type, id, prog_id, ...
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        if libbpf.int_error(lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size))):
+            return None
+        return int(info[1]) or None
+
     def destroy(self) -> None:
         if self._ptr:
             lib().bpf_link__destroy(self._ptr)

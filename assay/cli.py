@@ -56,6 +56,8 @@ def monitor(
                                                              "once full, forks in the scope are refused."),
     no_protect: bool = typer.Option(False, "--no-protect", help="Let the scope signal, trace or take the BPF "
                                                                 "objects of the monitor (docs/hardening.md)."),
+    allow_mounts: bool = typer.Option(False, "--allow-mounts", help="Let the scope mount while subtree rules "
+                                                                    "exist (an overlay can hide a subtree)."),
     ready_file: Optional[str] = typer.Option(None, "--ready-file", help="Write the monitor's pid to FILE once "
                                                                          "its programs are attached and the scope "
                                                                          "is set (systemd: READY=1 is sent too)."),
@@ -84,7 +86,7 @@ def monitor(
                           duration=parse_duration(duration) if duration else None, fmt=fmt, output=output_path,
                           ebpf=ebpf, ringbuf_size=ringbuf_size, enforcer=enforcer, wait_all=wait_all,
                           scope_grace=parse_duration(scope_grace), max_scope=max_scope,
-                          protect=not no_protect, ready_file=ready_file,
+                          protect=not no_protect, protect_mounts=not allow_mounts, ready_file=ready_file,
                           stop_file=stop_file)
     recorder = None
     if record:

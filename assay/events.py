@@ -21,6 +21,9 @@ FAMILIES = {2: "inet", 10: "inet6"}
 PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 262: "mptcp"}
 NET_OPS = {o: o.name.lower() for o in abi.NetOp}
 TAMPER = {t: t.name.lower() for t in abi.Tamper}
+KNOBS = {abi.Knob.CORE_PATTERN: "core_pattern", abi.Knob.MODPROBE: "modprobe", abi.Knob.HOTPLUG: "hotplug",
+         abi.Knob.UEVENT_HELPER: "uevent_helper", abi.Knob.BINFMT: "binfmt_misc/register"}
+MOUNT_CALLS = {1: "mount", 2: "move_mount", 3: "pivot_root", 4: "fsconfig"}
 SYSCALLS = {0: "openat", 1: "openat2", 2: "open"}
 BUILTIN_SOURCE_ROUTE = "builtin:source-route"
 BUILTIN_UNPROVABLE = "builtin:unprovable-path"
@@ -180,8 +183,16 @@ class Decoder:
     def _tamper(self, typ, data, ev):
         what, target, arg, _ = self._fields(typ, data)
         ev["what"] = TAMPER.get(what, str(what))
-        if what in (abi.Tamper.BPF_MAP, abi.Tamper.BPF_PROG):
+        if what in (abi.Tamper.BPF_MAP, abi.Tamper.BPF_PROG, abi.Tamper.BPF_LINK):
             ev["id"] = target
+        elif what in (abi.Tamper.BLOCK_DEVICE, abi.Tamper.KERNEL_MEMORY):
+            ev["device"] = f"{os.major(target)}:{os.minor(target)}" if target else "/proc/kcore"
+        elif what == abi.Tamper.KNOB:
+            ev["knob"] = KNOBS.get(target, str(target))
+        elif what == abi.Tamper.MODULE:
+            ev["load"] = {1: "module", 2: "kexec"}.get(target, str(target))
+        elif what == abi.Tamper.MOUNT:
+            ev["call"] = MOUNT_CALLS.get(target, str(target))
         else:
             ev["target_pid"] = target
         if what == abi.Tamper.SIGNAL:
@@ -238,7 +249,8 @@ def to_text(ev: dict) -> str:
         return (f"{who} {verb} {ev.get('op', 'connect').upper()} {_host_port(ev)} "
                 f"rule={ev['rule']} action={ev['action']}{_via(ev)}")
     if t == "tamper_blocked":
-        target = f"id {ev['id']}" if "id" in ev else f"pid {ev['target_pid']}"
+        target = next((f"{k} {ev[k]}" for k in ("id", "device", "knob", "load", "call") if k in ev), None) \
+            or f"pid {ev['target_pid']}"
         extra = f" {ev['signal']}" if "signal" in ev else ""
         return f"{who} BLOCKED TAMPER {ev['what']}{extra} -> {target}{_via(ev)}"
     if t == "process_killed":

@@ -56,6 +56,7 @@ _PROTOTYPES = [
     ("bpf_program__attach", c_void_p, [c_void_p], "0.0.7"),
     ("bpf_program__attach_cgroup", c_void_p, [c_void_p, c_int], "0.0.7"),
     ("bpf_link__destroy", c_int, [c_void_p], "0.0.7"),
+    ("bpf_link__fd", c_int, [c_void_p], "0.0.7"),
     ("bpf_map__name", c_char_p, [c_void_p], "0.0.1"),
     ("bpf_map__fd", c_int, [c_void_p], "0.0.1"),
     ("bpf_map__set_max_entries", c_int, [c_void_p, c_uint32], "0.1"),

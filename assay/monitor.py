@@ -63,6 +63,7 @@ class MonitorOptions:
     scope_grace: float = 3.0          # otherwise: SIGTERM it, and SIGKILL after this many seconds
     max_scope: int = DEFAULT_MAX_SCOPE  # scope_pids capacity (processes and threads of the scope)
     protect: bool = True              # self-protection while a policy enforces (--no-protect)
+    protect_mounts: bool = True       # with subtree rules, the scope may not mount (--allow-mounts)
     ready_file: Optional[str] = None  # written (our pid) once programs are attached and the scope is set
     stop_file: Optional[str] = None   # holds a token at start; the same token written there later stops us
 
@@ -266,6 +267,9 @@ class Monitor:
         cfg.protect = int(self.enforce and self.opts.protect)
         if cfg.protect:
             self.register_own_objects()
+            if self.plan is not None:
+                cfg.protect_mounts = int(self.opts.protect_mounts and bool(enforce.subtree_devs(self.plan)))
+                self.register_block_devices()
         if self.plan is not None:
             enforce.apply(self.plan, self.obj.maps)
             enforce.apply_net(self.net_plan, self.obj.maps)
@@ -283,6 +287,23 @@ class Monitor:
         keys = [abi.own_key(abi.Tamper.BPF_MAP, m.info.id) for m in self.obj.maps.values()]
         keys += [abi.own_key(abi.Tamper.BPF_PROG, p.id) for p in self.obj.programs.values() if p.fd >= 0]
         self.obj.maps["own_objects"].update_many([(struct.pack("<Q", k), one) for k in keys])
+
+    def register_own_links(self) -> None:
+        """Every link of this object (decisions and tracepoints): an fd of one detaches it."""
+        if not (self._cfg is not None and self._cfg.protect):
+            return
+        one = struct.pack("<I", 1)
+        keys = [abi.own_key(abi.Tamper.BPF_LINK, i) for i in (link.id() for link in self.obj.links) if i]
+        if keys:
+            self.obj.maps["own_objects"].update_many([(struct.pack("<Q", k), one) for k in keys])
+
+    def register_block_devices(self) -> None:
+        """The block devices under the filesystems that hold rules: opening one raw would read the
+        protected files' blocks."""
+        one = struct.pack("<I", 1)
+        devs = system.block_devices_below({e.inode.dev for e in self.plan.entries})
+        if devs:
+            self.obj.maps["protected_bdevs"].update_many([(struct.pack("<I", (ma << 20) | mi), one) for ma, mi in devs])
 
     def set_watchdog(self, pid: int) -> None:
         if self._cfg is not None:
@@ -420,6 +441,7 @@ class Monitor:
             # Fork tracking first, then the scan: a child forked during the scan is caught by
             # one or the other.
             self.obj.attach()
+            self.register_own_links()
             for pid in opts.scope.pids:
                 self.add_pid(pid)
             for _ in range(2):  # a second pass catches children forked during the first

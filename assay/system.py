@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Optional
+from typing import List, Optional, Tuple
 
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 SECURITYFS = "/sys/kernel/security"
@@ -101,6 +101,34 @@ def cgroup2_mounts() -> list:
                     out.append(parts[1])
     except OSError:
         pass
+    return out
+
+
+def block_devices_below(st_devs) -> List[Tuple[int, int]]:
+    """(major, minor) of the block devices that hold these filesystems (st_dev values), with the
+    disks their partitions are on and the devices below each (device mapper, RAID slaves): reading
+    any of them raw reads the filesystem's blocks."""
+    out, todo, seen = [], [], set()
+    for dev in st_devs:
+        todo.append(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    while todo:
+        p = todo.pop()
+        try:
+            real = os.path.realpath(p)
+            with open(os.path.join(real, "dev")) as f:
+                major, minor = (int(x) for x in f.read().strip().split(":"))
+        except (OSError, ValueError):
+            continue
+        if (major, minor) in seen:
+            continue
+        seen.add((major, minor))
+        out.append((major, minor))
+        if os.path.exists(os.path.join(real, "partition")):
+            todo.append(os.path.dirname(real))
+        try:
+            todo += [os.path.join(real, "slaves", s) for s in os.listdir(os.path.join(real, "slaves"))]
+        except OSError:
+            pass
     return out
 
 

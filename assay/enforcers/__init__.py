@@ -34,7 +34,8 @@ HOOKS_FOR = {
     "net": {"socket_connect", "socket_sendmsg", "socket_setsockopt", "sctp_bind_connect",
             "connect4", "connect6", "sendmsg4", "sendmsg6", "setsockopt"},
     "scope": {"task_alloc"},
-    "protect": {"bpf_map", "bpf_prog", "task_kill", "ptrace_access_check"},
+    "protect": {"bpf", "bpf_map", "bpf_prog", "task_kill", "ptrace_access_check", "file_open", "kernel_read_file",
+                "kernel_load_data", "sb_mount", "move_mount", "sb_pivotroot", "fs_context_parse_param"},
 }
 
 

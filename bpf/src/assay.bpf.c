@@ -9,10 +9,10 @@
 #include "common.bpf.h"
 #include "events.bpf.h"
 #include "scope.bpf.h"
+#include "protect.bpf.h"
 #include "file.bpf.h"
 #include "exec.bpf.h"
 #include "net.bpf.h"
-#include "protect.bpf.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -197,6 +197,92 @@ SEC("cgroup/setsockopt")
 int host_setsockopt(struct bpf_sockopt *ctx)
 {
 	return decide_cgroup_setsockopt(ctx);
+}
+
+ENFORCE_LSM(kernel_read_file)
+int BPF_PROG(lsm_kernel_read_file, struct file *file, enum kernel_read_file_id id, bool contents, int ret)
+{
+	return decide_kernel_read(id, false, ret);
+}
+
+ENFORCE_FMOD(kernel_read_file)
+int BPF_PROG(fmod_kernel_read_file, struct file *file, enum kernel_read_file_id id, bool contents, int ret)
+{
+	return decide_kernel_read(id, false, ret);
+}
+
+ENFORCE_LSM(kernel_load_data)
+int BPF_PROG(lsm_kernel_load_data, enum kernel_load_data_id id, bool contents, int ret)
+{
+	return decide_kernel_read(id, true, ret);
+}
+
+ENFORCE_FMOD(kernel_load_data)
+int BPF_PROG(fmod_kernel_load_data, enum kernel_load_data_id id, bool contents, int ret)
+{
+	return decide_kernel_read(id, true, ret);
+}
+
+ENFORCE_LSM(sb_mount)
+int BPF_PROG(lsm_sb_mount, const char *dev_name, const struct path *path, const char *type, unsigned long flags,
+	     void *data, int ret)
+{
+	return decide_mount(1, ret);
+}
+
+ENFORCE_FMOD(sb_mount)
+int BPF_PROG(fmod_sb_mount, const char *dev_name, const struct path *path, const char *type, unsigned long flags,
+	     void *data, int ret)
+{
+	return decide_mount(1, ret);
+}
+
+ENFORCE_LSM(move_mount)
+int BPF_PROG(lsm_move_mount, const struct path *from_path, const struct path *to_path, int ret)
+{
+	return decide_mount(2, ret);
+}
+
+ENFORCE_FMOD(move_mount)
+int BPF_PROG(fmod_move_mount, const struct path *from_path, const struct path *to_path, int ret)
+{
+	return decide_mount(2, ret);
+}
+
+ENFORCE_LSM(sb_pivotroot)
+int BPF_PROG(lsm_sb_pivotroot, const struct path *old_path, const struct path *new_path, int ret)
+{
+	return decide_mount(3, ret);
+}
+
+ENFORCE_FMOD(sb_pivotroot)
+int BPF_PROG(fmod_sb_pivotroot, const struct path *old_path, const struct path *new_path, int ret)
+{
+	return decide_mount(3, ret);
+}
+
+ENFORCE_LSM(fs_context_parse_param)
+int BPF_PROG(lsm_fs_context_parse_param, struct fs_context *fc, struct fs_parameter *param, int ret)
+{
+	return decide_mount(4, ret);
+}
+
+ENFORCE_FMOD(fs_context_parse_param)
+int BPF_PROG(fmod_fs_context_parse_param, struct fs_context *fc, struct fs_parameter *param, int ret)
+{
+	return decide_mount(4, ret);
+}
+
+ENFORCE_LSM(bpf)
+int BPF_PROG(lsm_bpf, int cmd, union bpf_attr *attr, unsigned int size)
+{
+	return decide_bpf_cmd(cmd, attr);
+}
+
+ENFORCE_FMOD(bpf)
+int BPF_PROG(fmod_bpf, int cmd, union bpf_attr *attr, unsigned int size)
+{
+	return decide_bpf_cmd(cmd, attr);
 }
 
 ENFORCE_LSM(bpf_map)

@@ -36,6 +36,21 @@ enum assay_tamper {
 	ASSAY_TAMPER_BPF_PROG = 2,   /* an fd of one of the monitor's programs */
 	ASSAY_TAMPER_SIGNAL = 3,     /* a signal to the monitor or its watchdog */
 	ASSAY_TAMPER_PTRACE = 4,     /* ptrace, /proc/PID/mem, process_vm_*, pidfd_getfd on them */
+	ASSAY_TAMPER_BLOCK_DEVICE = 5, /* an open of a block device under a filesystem with rules (target: its dev) */
+	ASSAY_TAMPER_KERNEL_MEMORY = 6, /* /dev/mem, /dev/kmem, /dev/port, /proc/kcore */
+	ASSAY_TAMPER_KNOB = 7,       /* a write to a knob that makes the kernel run a program (target: enum assay_knob) */
+	ASSAY_TAMPER_MODULE = 8,     /* loading a kernel module or a kexec image (target: 1 module, 2 kexec) */
+	ASSAY_TAMPER_MOUNT = 9,      /* mount, move_mount, pivot_root, fsconfig while subtree rules exist */
+	ASSAY_TAMPER_BPF_LINK = 10,  /* an fd of one of the monitor's links (BPF_LINK_GET_FD_BY_ID), to detach it */
+};
+
+/* The knobs of ASSAY_TAMPER_KNOB. */
+enum assay_knob {
+	ASSAY_KNOB_CORE_PATTERN = 1,  /* /proc/sys/kernel/core_pattern: a |pipe helper runs as root */
+	ASSAY_KNOB_MODPROBE = 2,      /* /proc/sys/kernel/modprobe */
+	ASSAY_KNOB_HOTPLUG = 3,       /* /proc/sys/kernel/hotplug */
+	ASSAY_KNOB_UEVENT_HELPER = 4, /* /sys/kernel/uevent_helper */
+	ASSAY_KNOB_BINFMT = 5,        /* binfmt_misc's register (flag O runs an interpreter on a denied file) */
 };
 
 enum assay_action {
@@ -90,6 +105,7 @@ struct assay_config {
 	__s32 scope_user;     /* entries userspace wrote into scope_pids (the kernel counts its own) */
 	__u32 protect;        /* self-protection: the scope may not touch the monitor (tamper decisions) */
 	__u32 watchdog_tgid;  /* the monitor's watchdog, protected like the monitor */
+	__u32 protect_mounts; /* self-protection refuses mounts (subtree rules exist, no --allow-mounts) */
 };
 
 /* Keys of the own_objects map: which BPF objects are the monitor's. */

@@ -45,6 +45,13 @@ static __always_inline struct assay_config *get_config(void)
 		(c_ && c_->enforce && (bits)) ? c_ : NULL;                                 \
 	})
 
+/* The kernel's dev_t (MAJOR << 20 | MINOR) in the form stat(2) shows it. */
+static __always_inline __u32 new_encode_dev(__u32 s_dev)
+{
+	__u32 major = s_dev >> 20, minor = s_dev & ((1U << 20) - 1);
+	return (minor & 0xff) | (major << 8) | ((minor & ~0xffU) << 12);
+}
+
 static __always_inline void count(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&counters, &idx);

@@ -57,6 +57,7 @@ struct assay_btf_anchor {
 	struct assay_net_block_event net_block;
 	struct assay_tamper_event tamper;
 	enum assay_tamper tw;
+	enum assay_knob kn;
 	struct assay_lpm4_key l4;
 	struct assay_lpm6_key l6;
 	struct assay_net_value nv;

@@ -130,12 +130,6 @@ struct {
 
 /* ---------------------------------------------------------------- file and exec enforcement */
 
-static __always_inline __u32 new_encode_dev(__u32 s_dev)
-{
-	__u32 major = s_dev >> 20, minor = s_dev & ((1U << 20) - 1);
-	return (minor & 0xff) | (major << 8) | ((minor & ~0xffU) << 12);
-}
-
 /*
  * The walks below are global (noinline, non-static) functions: the verifier checks each one once,
  * on its own, instead of once per path through the caller. Inlined, the nested bounded loops went
@@ -441,9 +435,15 @@ static __always_inline void emit_block(enum assay_event_type type, __u64 rule, s
 static __always_inline int decide_file_open(struct file *file, int ret)
 {
 	struct assay_config *cfg;
+	int v;
 
-	if (ret || !(cfg = ENFORCING(c_->file_rules)))
+	if (ret)
 		return ret;
+	/* self-protection first: it holds whatever the rules say */
+	if (protecting() && (v = guard_open(file)))
+		return v;
+	if (!(cfg = ENFORCING(c_->file_rules)))
+		return 0;
 	if (!in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
 		return 0;
 	/* The kernel's own opens for execve (the binary, its ELF interpreter) are proc_exec's

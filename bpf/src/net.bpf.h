@@ -215,31 +215,25 @@ static __always_inline void emit_net_block(struct assay_port_range *r, __u16 fam
 	emit(&ev, sizeof(ev));
 }
 
-/* One destination as the kernel will use it, however it was given (a sockaddr, a cgroup
- * program's context). */
-struct net_dest {
-	__u16 family;   /* AF_INET or AF_INET6 */
-	__u16 port;     /* host order */
-	__u16 proto;
-	__u16 _pad;
-	__u32 bound4;   /* the socket's bound IPv4 address (network order), 0 if none */
-	__u8 addr[16];  /* 4 or 16 bytes, network order */
-};
-
-/* The net rules' verdict on one destination. can_signal is a constant: cgroup programs may not
- * send signals, so their kills go through kill_requests (see act()). */
-static __always_inline int judge_dest(struct assay_config *cfg, struct net_dest *d, __u16 op, bool can_signal)
+/* The net rules' verdict on one destination, however it was given (a kernel copy of a sockaddr,
+ * a cgroup program's context): family AF_INET or AF_INET6, port in host order, addr 4 or 16
+ * bytes in network order, bound4 the socket's bound IPv4 address (0 if none). The scalars stay in
+ * registers, where the verifier tracks them exactly (spilled into a struct, 5.10's verifier lost
+ * them and walked every combination of branches). can_signal is a constant: cgroup programs may
+ * not send signals, so their kills go through kill_requests (see act_by_request()). */
+static __always_inline int judge_dest(struct assay_config *cfg, __u16 family, __u16 port, __u16 proto, __u32 bound4,
+				      const __u8 *addr, __u16 op, bool can_signal)
 {
 	struct assay_lpm4_key k4 = {.prefixlen = 32};
 	struct assay_lpm6_key k6 = {.prefixlen = 128};
 	struct assay_port_range *deny = NULL;
 	bool v4;
 
-	if (d->family == AF_INET) {
-		__builtin_memcpy(k4.addr, d->addr, 4);
+	if (family == AF_INET) {
+		__builtin_memcpy(k4.addr, addr, 4);
 		v4 = true;
-	} else if (d->family == AF_INET6) {
-		__builtin_memcpy(k6.addr, d->addr, 16);
+	} else if (family == AF_INET6) {
+		__builtin_memcpy(k6.addr, addr, 16);
 		/* ::ffff:a.b.c.d is an IPv4 peer: judge it by the IPv4 rules, so it is no way around them. */
 		v4 = !k6.addr[0] && !k6.addr[1] && !k6.addr[2] && !k6.addr[3] && !k6.addr[4] && !k6.addr[5] &&
 		     !k6.addr[6] && !k6.addr[7] && !k6.addr[8] && !k6.addr[9] && k6.addr[10] == 0xff &&
@@ -253,8 +247,8 @@ static __always_inline int judge_dest(struct assay_config *cfg, struct net_dest 
 	/* A wildcard destination (0.0.0.0, ::, ::ffff:0.0.0.0) reaches this very host: the socket's
 	 * bound address, or loopback (ip_route_output_key_hash_rcu, tcp_v6_connect). */
 	if (v4 && !k4.addr[0] && !k4.addr[1] && !k4.addr[2] && !k4.addr[3]) {
-		if (d->bound4)
-			__builtin_memcpy(k4.addr, &d->bound4, 4);
+		if (bound4)
+			__builtin_memcpy(k4.addr, &bound4, 4);
 		else
 			k4.addr[0] = 127, k4.addr[3] = 1;
 	} else if (!v4) {
@@ -269,19 +263,19 @@ static __always_inline int judge_dest(struct assay_config *cfg, struct net_dest 
 		if (cfg->net_rules & ASSAY_NET_DENY4)
 			deny = net_verdict(bpf_map_lookup_elem(&net_deny4, &k4),
 					   (cfg->net_rules & ASSAY_NET_ALLOW4) ? bpf_map_lookup_elem(&net_allow4, &k4) : NULL,
-					   d->port);
+					   port);
 	} else {
 		if (cfg->net_rules & ASSAY_NET_DENY6)
 			deny = net_verdict(bpf_map_lookup_elem(&net_deny6, &k6),
 					   (cfg->net_rules & ASSAY_NET_ALLOW6) ? bpf_map_lookup_elem(&net_allow6, &k6) : NULL,
-					   d->port);
+					   port);
 	}
 	if (!deny)
 		return 0;
 	if (v4)
-		emit_net_block(deny, AF_INET, d->port, d->proto, op, k4.addr, 4);
+		emit_net_block(deny, AF_INET, port, proto, op, k4.addr, 4);
 	else
-		emit_net_block(deny, AF_INET6, d->port, d->proto, op, k6.addr, 16);
+		emit_net_block(deny, AF_INET6, port, proto, op, k6.addr, 16);
 	return can_signal ? act(deny->action, deny->rule_id) : act_by_request(deny->action, deny->rule_id);
 }
 
@@ -289,26 +283,28 @@ static __always_inline int judge_dest(struct assay_config *cfg, struct net_dest 
 static __always_inline int judge_net(struct assay_config *cfg, struct sock *sk, struct sockaddr *address,
 				     __u16 op)
 {
-	struct net_dest d = {.family = BPF_CORE_READ(address, sa_family), .proto = BPF_CORE_READ(sk, sk_protocol)};
+	__u16 family = BPF_CORE_READ(address, sa_family);
+	__u16 proto = BPF_CORE_READ(sk, sk_protocol);
+	__u8 addr[16] = {};
+	__u16 port;
 
 	/* The inet send paths (udp_sendmsg, raw_sendmsg, rawv6_sendmsg) take a destination whose
 	 * family is AF_UNSPEC as one of the socket's own family. (For connect(2), AF_UNSPEC means
 	 * disconnect: nothing to judge.) */
-	if (d.family == AF_UNSPEC && op == ASSAY_NET_OP_SENDMSG)
-		d.family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	if (d.family == AF_INET) {
+	if (family == AF_UNSPEC && op == ASSAY_NET_OP_SENDMSG)
+		family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (family == AF_INET) {
 		struct sockaddr_in *sin = (struct sockaddr_in *)address;
-		d.port = __builtin_bswap16(BPF_CORE_READ(sin, sin_port));
-		bpf_probe_read_kernel(d.addr, 4, &sin->sin_addr);
-	} else if (d.family == AF_INET6) {
+		port = __builtin_bswap16(BPF_CORE_READ(sin, sin_port));
+		bpf_probe_read_kernel(addr, 4, &sin->sin_addr);
+	} else if (family == AF_INET6) {
 		struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)address;
-		d.port = __builtin_bswap16(BPF_CORE_READ(sin6, sin6_port));
-		bpf_probe_read_kernel(d.addr, 16, &sin6->sin6_addr);
+		port = __builtin_bswap16(BPF_CORE_READ(sin6, sin6_port));
+		bpf_probe_read_kernel(addr, 16, &sin6->sin6_addr);
 	} else {
 		return 0;
 	}
-	d.bound4 = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
-	return judge_dest(cfg, &d, op, true);
+	return judge_dest(cfg, family, port, proto, BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr), addr, op, true);
 }
 
 /* The cgroup sock_addr form (the host backend): connect4/6 and sendmsg4/6 see the destination
@@ -317,27 +313,28 @@ static __always_inline int judge_net(struct assay_config *cfg, struct sock *sk, 
 static __always_inline int decide_sock_addr(struct bpf_sock_addr *ctx, __u16 family, __u16 op)
 {
 	struct assay_config *cfg = ENFORCING(c_->net_rules);
-	struct net_dest d = {.family = family};
+	__u8 addr[16] = {};
+	__u32 bound4 = 0;
 
 	if (!cfg || !in_scope(cfg, bpf_get_current_pid_tgid() >> 32))
 		return 1;
-	d.port = __builtin_bswap16((__u16)ctx->user_port);
-	d.proto = ctx->protocol;
+	__u16 port = __builtin_bswap16((__u16)ctx->user_port);
+	__u16 proto = ctx->protocol;
 	/* family is a constant: each program reads only the fields its attach type may */
 	if (family == AF_INET) {
 		__u32 a = ctx->user_ip4;
-		__builtin_memcpy(d.addr, &a, 4);
+		__builtin_memcpy(addr, &a, 4);
 		struct bpf_sock *sk = ctx->sk;
 		if (sk)
-			d.bound4 = sk->src_ip4;
+			bound4 = sk->src_ip4;
 	} else {
 		__u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];
-		__builtin_memcpy(d.addr, &a0, 4);
-		__builtin_memcpy(d.addr + 4, &a1, 4);
-		__builtin_memcpy(d.addr + 8, &a2, 4);
-		__builtin_memcpy(d.addr + 12, &a3, 4);
+		__builtin_memcpy(addr, &a0, 4);
+		__builtin_memcpy(addr + 4, &a1, 4);
+		__builtin_memcpy(addr + 8, &a2, 4);
+		__builtin_memcpy(addr + 12, &a3, 4);
 	}
-	return judge_dest(cfg, &d, op, false) ? 0 : 1;
+	return judge_dest(cfg, family, port, proto, bound4, addr, op, false) ? 0 : 1;
 }
 
 /* ---------------------------------------------------------------- source routes
