@@ -23,6 +23,7 @@ log = structlog.get_logger("assay.monitor")
 ALL_EVENTS = tuple(t for t in abi.EventType)
 RULE_EVENTS = ("file_blocked", "exec_blocked", "net_blocked", "file_alert", "exec_alert", "net_alert")
 GRACE_S = 5.0
+POLL_BUDGET_S = 0.2   # event decoding per loop turn, at most, before signals and kills get their turn
 DEFAULT_MAX_SCOPE = 65536
 
 
@@ -462,7 +463,7 @@ class Monitor:
         clean = False
         try:
             self.configure(cgroup_id)
-            rb = RingBuffer(self.obj.maps["events"], self._emit)
+            rb = RingBuffer(self.obj.maps["events"], self._emit, budget_s=POLL_BUDGET_S)
             # Fork tracking first, then the scan: a child forked during the scan is caught by
             # one or the other.
             self.obj.attach()

@@ -6,12 +6,20 @@ both policies share is ever missing, and no exception of the new policy is in fo
 denies it must not lift:
 
 1. the config's rule bits become the union of the old and the new ones;
-2. deny-side entries (denies, deny names and their gates, subtree_devs, deny tries) are added or
-   updated: an update of an existing key is one atomic replacement in the kernel;
+2. deny-side entries are added or updated: first the gates (name_dirs, where a bit is only
+   added: the union of old and new; subtree_devs), then blocking entries (deny, kill), then
+   reporting ones (log, alert), and the deny tries. An update of an existing key is one atomic
+   replacement in the kernel: a lookup sees the old value or the new one, never none;
 3. exception entries (allow maps and tries) are added or updated;
 4. stale exception entries are deleted (this only ever denies more);
-5. stale deny-side entries are deleted;
-6. the config's rule bits become the new ones.
+5. stale deny-side entries are deleted: reporting ones, then blocking ones, then gates;
+6. name gates that lose a bit get their new value;
+7. the config's rule bits become the new ones.
+
+A decision stops at the nearest entry it finds, so the orders inside steps 2 and 5 matter: an
+alert entry in force before the deny it lies below, or left after it, would let through what
+both policies deny. tests/test_reload.py checks, against a model of the file decision, that
+whatever both policies deny stays denied after every single map operation.
 
 Rule numbers never change meaning: enforce.rule_ids keeps one number per rule id for the
 monitor's life. A failure part-way runs the reverse diff (new to old) in the same order.
@@ -63,10 +71,12 @@ class Swap:
     allow_writes: Tuple[Write, ...] = ()
     allow_deletes: Tuple[Delete, ...] = ()
     deny_deletes: Tuple[Delete, ...] = ()
+    gate_narrowing: Tuple[Write, ...] = ()   # name gates losing a bit: their final value, last
 
     def phases(self) -> Tuple[Tuple[str, tuple], ...]:
         return (("deny_writes", self.deny_writes), ("allow_writes", self.allow_writes),
-                ("allow_deletes", self.allow_deletes), ("deny_deletes", self.deny_deletes))
+                ("allow_deletes", self.allow_deletes), ("deny_deletes", self.deny_deletes),
+                ("gate_narrowing", self.gate_narrowing))
 
     @property
     def added(self) -> int:
@@ -74,27 +84,66 @@ class Swap:
 
     @property
     def updated(self) -> int:
-        return sum(1 for w in self.deny_writes + self.allow_writes if w.old is not None)
+        return len({(w.map, w.key) for w in self.deny_writes + self.allow_writes + self.gate_narrowing
+                    if w.old is not None})
 
     @property
     def removed(self) -> int:
         return len(self.allow_deletes) + len(self.deny_deletes)
 
 
+GATE_MAPS = ("name_dirs", "subtree_devs")   # they turn deny lookups on; their values are not rules
+
+
+def _int(v: bytes) -> int:
+    return int.from_bytes(v, "little")
+
+
+def _u32(n: int) -> bytes:
+    return n.to_bytes(4, "little")
+_BLOCKING = {int(a) for a in (enforce.abi.Action.DENY, enforce.abi.Action.KILL_IMMEDIATE,
+                              enforce.abi.Action.KILL_GRACEFUL)}
+
+
+def _rank(name: str, value: bytes) -> int:
+    """Deny-side order: gates (0) before blocking entries (1) before reporting ones (2); deletes
+    the other way round. The
+    decisions stop at the nearest entry they find, so an alert entry in force before the deny it
+    lies below (or left in force after it) would let through what both policies deny."""
+    if name in GATE_MAPS or name.startswith("net_"):
+        return 0 if name in GATE_MAPS else 1
+    action = int.from_bytes(value[4:8], "little") & 0xFF
+    return 1 if action in _BLOCKING else 2
+
+
 def diff(old: Contents, new: Contents) -> Swap:
-    """The writes and deletes that turn `old` into `new`, by phase; keys whose value does not
-    change are not touched at all."""
-    phases: Dict[str, List] = {"deny_writes": [], "allow_writes": [], "allow_deletes": [], "deny_deletes": []}
+    """The writes and deletes that turn `old` into `new`, by phase, each phase in its safe order
+    (deny writes: gates, blocking, reporting; deny deletes the other way round); keys whose
+    value does not change are not touched at all."""
+    phases: Dict[str, List] = {"deny_writes": [], "allow_writes": [], "allow_deletes": [], "deny_deletes": [],
+                               "gate_narrowing": []}
     for name in sorted(set(old) | set(new)):
         before, after = old.get(name, {}), new.get(name, {})
         side = "allow" if is_exception_map(name) else "deny"
         for key, value in after.items():
             prev = before.get(key)
-            if prev != value:
+            if prev == value:
+                continue
+            if name in GATE_MAPS and prev is not None:
+                # A gate's bits say which names maps to look into: the union first, the new
+                # value only once the names entries it stops covering are gone.
+                union = _u32(_int(prev) | _int(value))
+                if union != prev:
+                    phases["deny_writes"].append(Write(name, key, union, prev))
+                if union != value:
+                    phases["gate_narrowing"].append(Write(name, key, value, union))
+            else:
                 phases[f"{side}_writes"].append(Write(name, key, value, prev))
         for key, value in before.items():
             if key not in after:
                 phases[f"{side}_deletes"].append(Delete(name, key, value))
+    phases["deny_writes"].sort(key=lambda w: _rank(w.map, w.value))
+    phases["deny_deletes"].sort(key=lambda d: -_rank(d.map, d.old))
     return Swap(**{k: tuple(v) for k, v in phases.items()})
 
 
@@ -178,34 +227,44 @@ def _write(m, items: List[Tuple[bytes, bytes]]) -> None:
         m.update_many(items)
 
 
+def _runs(ops: Sequence) -> Iterable[Tuple[str, List]]:
+    """Consecutive operations on one map, in order (a batch per run, the order kept)."""
+    run: List = []
+    for op in ops:
+        if run and run[-1].map != op.map:
+            yield run[0].map, run
+            run = []
+        run.append(op)
+    if run:
+        yield run[0].map, run
+
+
 def run_phases(swap: Swap, maps: Mapping[str, object],
-               after_phase: Optional[Callable[[str], None]] = None) -> None:
+               after_op: Optional[Callable[[str], None]] = None) -> None:
     """Runs the swap's phases in order against the maps (a delete of a key already gone is
-    fine, and so is a write of the value already there: a rollback may run from any point)."""
+    fine, and so is a write of the value already there: a rollback may run from any point).
+    after_op, if given, is called after each batch (tests look at the maps in between)."""
     for phase, ops in swap.phases():
-        by_map: Dict[str, List] = {}
-        for op in ops:
-            by_map.setdefault(op.map, []).append(op)
-        for name, group in by_map.items():
+        for name, group in _runs(ops):
             m = maps[name]
-            if phase.endswith("writes"):
+            if isinstance(group[0], Write):
                 _write(m, [(w.key, w.value) for w in group])
             else:
                 for d in group:
                     m.delete(d.key)
-        if after_phase is not None:
-            after_phase(phase)
+            if after_op is not None:
+                after_op(phase)
 
 
 def swap_maps(old: Contents, new: Contents, maps: Mapping[str, object], set_bits: Callable[[Bits], None],
               old_bits: Bits, new_bits: Bits,
-              after_phase: Optional[Callable[[str], None]] = None) -> Swap:
+              after_op: Optional[Callable[[str], None]] = None) -> Swap:
     """Turns the maps from `old` to `new` (the module docstring's six steps); on a failure puts
     the old content back the same way and raises BpfError."""
     swap = diff(old, new)
     set_bits(old_bits | new_bits)
     try:
-        run_phases(swap, maps, after_phase)
+        run_phases(swap, maps, after_op)
     except BpfError as e:
         try:
             run_phases(diff(new, old), maps)
