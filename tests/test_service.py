@@ -280,9 +280,9 @@ def test_sighup_reload_outcomes_without_enforcement(assay_cmd, tmp_path):
     assert (ok["type"], ok["rules_added"], ok["removed"]) == ("policy_reloaded", ["s"], 0), ok
     assert ok["entries"] == {"added": 0, "updated": 0, "removed": 0}   # disabled: nothing in the maps
     assert (bad["type"], bad["outcome"]) == ("policy_reload_failed", "invalid"), bad
-    assert bad["error"].startswith(f"{pol}:12:7: unknown key 'bogus'"), bad
+    assert bad["error"].startswith(f"{pol}:11:7: unknown key 'bogus'"), bad
     assert (refused["outcome"], "started without an enforcer" in refused["error"]) == ("refused", True), refused
-    assert f"assay: policy reload invalid, the previous policy stays in force: {pol}:12:7:" in stderr
+    assert f"assay: policy reload invalid, the previous policy stays in force: {pol}:11:7:" in stderr
     for line in ('assay_policy_reloads_total{outcome="success"} 1.0', 'assay_policy_reloads_total{outcome="invalid"} 1.0',
                  'assay_policy_reloads_total{outcome="refused"} 1.0', "assay_policy_last_reload_successful 0.0",
                  'assay_policy_rules{type="net_connect"} 2.0', 'assay_policy_info{name="host"} 1.0'):
