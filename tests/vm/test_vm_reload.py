@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -141,7 +144,7 @@ def tree():
     return d
 
 
-def test_reload_50_times_under_a_tight_open_loop(assay_cmd, tmp_path, tree, vm_row):
+def test_reload_50_times_under_a_tight_open_loop(assay_cmd, tmp_path, tree, vm_row, expected_enforcer):
     if vm_row["kernel_series"] not in RELOAD_SERIES:
         pytest.skip(f"reload runs on the {', '.join(RELOAD_SERIES)} rows (lsm and fmod_ret) only, to keep the matrix short")
     d = tree
@@ -154,8 +157,12 @@ def test_reload_50_times_under_a_tight_open_loop(assay_cmd, tmp_path, tree, vm_r
     put(pol, policy_a(d))
     ready = tmp_path / "ready"
     err = open(tmp_path / "stderr.txt", "w+")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     proc = subprocess.Popen(assay_cmd + ["monitor", "--policy", str(pol), "--decisions", "all", "--ready-file",
-                                         str(ready), "--", PY, LOOPER, str(d)],
+                                         str(ready), "--metrics-addr", f"127.0.0.1:{port}", "--",
+                                         PY, LOOPER, str(d)],
                             stdout=subprocess.PIPE, stderr=err)
     rule_of = {both: "both", tree_x: "tree", str(d / "new.txt"): "new-only", str(d / "old.txt"): "old-only",
                str(d / "tree/pub/watched.txt"): "watch"}
@@ -176,6 +183,8 @@ def test_reload_50_times_under_a_tight_open_loop(assay_cmd, tmp_path, tree, vm_r
         put(pol, policy_b(d, typo=True))
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: len(stream.policy_events) > RELOADS, 60, "the bad reload", proc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+            metrics = r.read().decode()
         (d / "bad-done").touch()
         proc.wait(timeout=120)
     finally:
@@ -206,5 +215,16 @@ def test_reload_50_times_under_a_tight_open_loop(assay_cmd, tmp_path, tree, vm_r
     assert bad["error"].startswith(f"{pol}:{TYPO_LINE}:"), bad
     assert f"{pol}:{TYPO_LINE}:" in stderr and "the previous policy stays in force" in stderr
     assert json.loads((d / "after_bad.json").read_text()) == want
+    print("the A -> B event:", json.dumps(ab))
+    print("the bad reload's event:", json.dumps(bad))
+    print("\n".join([l for l in stderr.splitlines() if "reload" in l][-3:]))
+    print("\n".join(l for l in metrics.splitlines() if l.startswith("assay_") and not l.endswith(" 0.0")))
+    enforcer = expected_enforcer
+    for line in (f'assay_enforcer_info{{enforcer="{enforcer}"}} 1.0', 'assay_policy_reloads_total{outcome="success"} 50.0',
+                 'assay_policy_reloads_total{outcome="invalid"} 1.0', "assay_policy_last_reload_successful 0.0",
+                 'assay_policy_info{name="reload-b"} 1.0', 'assay_policy_rules{type="net_connect"} 1.0'):
+        assert line in metrics, line
+    assert re.search(r'assay_rule_events_total\{type="file_blocked",rule="both",action="deny"\} [1-9]', metrics)
+    assert re.search(r'assay_map_entries\{map="net_deny4"\} 1\.0', metrics)
     summary = json.loads([l for l in stderr.splitlines() if l.startswith('{"summary"')][-1])["summary"]
     assert summary["events"]["policy_reloaded"] == RELOADS and summary["events"]["policy_reload_failed"] == 1
