@@ -277,3 +277,13 @@ def test_metrics_addr_errors(text, msg):
 
     with pytest.raises(UsageError, match=msg):
         parse_addr(text)
+
+
+def test_policy_events_as_text():
+    from assay import events
+
+    ok = reload.Result("success", "p.yaml", policy="t", rules=reload.RuleChanges(added=("a",), removed=("b", "c")),
+                       swap=reload.diff({}, {"file_deny": {b"k": ref(1, A.DENY)}}))
+    assert events.to_text(ok.event("ts")) == "POLICY RELOADED p.yaml (t): +1 -2 ~0 rules; entries +1 ~0 -0"
+    bad = reload.Result("invalid", "p.yaml", "p.yaml:3:1: boom")
+    assert events.to_text(bad.event("ts")) == "POLICY RELOAD INVALID p.yaml: p.yaml:3:1: boom"
