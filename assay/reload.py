@@ -259,7 +259,7 @@ def run_phases(swap: Swap, maps: Mapping[str, object],
 def swap_maps(old: Contents, new: Contents, maps: Mapping[str, object], set_bits: Callable[[Bits], None],
               old_bits: Bits, new_bits: Bits,
               after_op: Optional[Callable[[str], None]] = None) -> Swap:
-    """Turns the maps from `old` to `new` (the module docstring's six steps); on a failure puts
+    """Turns the maps from `old` to `new` (the module docstring's steps); on a failure puts
     the old content back the same way and raises BpfError."""
     swap = diff(old, new)
     set_bits(old_bits | new_bits)
@@ -402,6 +402,9 @@ def put_in_force(mon, new: Loaded) -> Swap:
 
     from assay import output
 
+    # Numbers handed out stay handed out, even if this swap fails: entries it wrote and could not
+    # take back must never come to mean another rule.
+    mon.rule_ids = new.ids
     mon.decoder.rule_names = merged_names(new.ids)
     mon.kill_graceful.update(new.plan.kill_graceful)
     cfg = mon._cfg
@@ -414,6 +417,6 @@ def put_in_force(mon, new: Loaded) -> Swap:
     swap = swap_maps(mon.contents, new.contents, mon.obj.maps, set_bits, old_bits, Bits.of(new.plan, new.net_plan))
     for note in new.plan.notes:
         output.say(f"assay: note: {note}")
-    mon.policy, mon.rule_ids, mon.plan, mon.net_plan = new.policy, new.ids, new.plan, new.net_plan
+    mon.policy, mon.plan, mon.net_plan = new.policy, new.plan, new.net_plan
     mon.contents = new.contents
     return swap

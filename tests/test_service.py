@@ -174,7 +174,6 @@ def test_logrotate_while_events_stream_loses_no_line(assay_cmd, tmp_path):
     stop = tmp_path / "stop"
     # Dense events: a file opened in a tight shell loop.
     workload = f"while [ ! -e {stop} ]; do cat /etc/hostname /etc/hostname >/dev/null; done"
-    ready = tmp_path / "ready"
     err = open(tmp_path / "monitor.stderr", "w+")
     proc = subprocess.Popen(assay_cmd + ["monitor", "-o", str(events), "--append", "--ready-file", str(pidfile),
                                          "--", "sh", "-c", workload], stdout=subprocess.DEVNULL, stderr=err)
