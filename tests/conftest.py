@@ -37,3 +37,14 @@ def obj_path():
 def assay_cmd():
     """The CLI as a user runs it, in this interpreter."""
     return [sys.executable, "-m", "assay"]
+
+
+@pytest.fixture(autouse=True)
+def _structlog_config():
+    """Tests that run the CLI in-process leave structlog printing to their captured (then closed)
+    stderr; later tests that log would fail on it. Each test gets the configuration back."""
+    import structlog
+
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
