@@ -331,10 +331,18 @@ def prepare(path: str, previous_ids: Mapping[str, int]) -> Loaded:
     return Loaded(pol, ids, plan_, net_plan, enforce.contents(plan_, net_plan))
 
 
+# Backends whose decisions read exactly the maps swap_maps rewrites. A backend that also keeps
+# state outside them (marks, attachments) must not be reloaded by this module: refused.
+RELOADABLE_BACKENDS = ("lsm", "fmod_ret")
+
+
 def refusal(new: Loaded, enforcing: bool, loaded_hooks: Set[str], old_contents: Contents,
-            capacity: Mapping[str, int]) -> Optional[str]:
+            capacity: Mapping[str, int], backend: Optional[str] = None) -> Optional[str]:
     """Why this monitor cannot put the new policy in force, or None."""
     kinds = kinds_of(new.plan, new.net_plan)
+    if backend is not None and backend not in RELOADABLE_BACKENDS:
+        return (f"the {backend} backend cannot be reloaded (only {', '.join(RELOADABLE_BACKENDS)}); "
+                "restart the monitor")
     if kinds and not enforcing:
         return ("the monitor started without an enforcer (its policy enforced nothing); restart it, "
                 "or start it with --decisions all")
@@ -360,7 +368,8 @@ def reload(path: str, state, apply: Callable[[Loaded], Swap], clock: Callable[[]
     except Exception as e:  # noqa: BLE001  a reload must never take the monitor down
         log.exception("policy reload: unexpected error")
         return Result("failed", path, f"{type(e).__name__}: {e}", duration_s=clock() - t0)
-    why = refusal(new, state.backend is not None, state.loaded_hooks, state.contents, state.capacity)
+    why = refusal(new, state.backend is not None, state.loaded_hooks, state.contents, state.capacity,
+                  state.backend.name if state.backend is not None else None)
     if why:
         return Result("refused", path, why, duration_s=clock() - t0)
     changes = rule_changes(state.policy, new.policy)

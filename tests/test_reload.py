@@ -236,6 +236,8 @@ def test_refusal_without_an_enforcer_and_without_the_decisions(tmp_path):
     why = reload.refusal(new, True, {"task_alloc", "file_open"}, {}, {})
     assert "net_connect rules need sctp_bind_connect, socket_connect" in why and "--decisions all" in why
     assert reload.refusal(new, True, set(reload.enforcers.HOOKS_FOR["net"]), {}, {}) is None
+    assert reload.refusal(new, True, set(reload.enforcers.HOOKS_FOR["net"]), {}, {}, "fmod_ret") is None
+    assert "the other backend cannot be reloaded" in reload.refusal(new, True, set(), {}, {}, "other")
 
 
 def test_result_events():
