@@ -51,11 +51,11 @@ def http_get(url: str) -> str:
         return r.read().decode()
 
 
-def start_monitor(assay_cmd, tmp_path, args, workload):
+def start_monitor(assay_cmd, tmp_path, args, workload, env=None):
     ready = tmp_path / "ready"
     err = open(tmp_path / "monitor.stderr", "w+")
     proc = subprocess.Popen(assay_cmd + ["monitor", "--ready-file", str(ready)] + args + ["--", "sh", "-c", workload],
-                            stdout=subprocess.DEVNULL, stderr=err)
+                            stdout=subprocess.DEVNULL, stderr=err, env=env)
     try:
         wait_for(lambda: ready.exists() or proc.poll() is not None, 60, "the monitor's ready file")
     except AssertionError:
@@ -258,8 +258,12 @@ def test_sighup_reload_outcomes_without_enforcement(assay_cmd, tmp_path):
     pol.write_text(_policy(False))
     stop, events = tmp_path / "stop", tmp_path / "ev.jsonl"
     port = free_port()
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)   # systemd's side of Type=notify
+    manager.bind(str(tmp_path / "notify"))
+    manager.settimeout(30)
     proc, err = start_monitor(assay_cmd, tmp_path, ["--policy", str(pol), "-o", str(events),
-                                                    "--metrics-addr", str(port)], busy(stop))
+                                                    "--metrics-addr", str(port)], busy(stop),
+                              env=dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify")))
 
     def policy_events():
         return [json.loads(l) for l in events.read_text().splitlines() if '"type":"policy_' in l]
@@ -288,3 +292,7 @@ def test_sighup_reload_outcomes_without_enforcement(assay_cmd, tmp_path):
         assert line in metrics, metrics
     s = summary_of(stderr)
     assert s["events"]["policy_reloaded"] == 1 and s["events"]["policy_reload_failed"] == 2
+    notes = [manager.recv(256).decode() for _ in range(7)]
+    manager.close()
+    assert notes[0].startswith("READY=1") and all(n.startswith("RELOADING=1\nMONOTONIC_USEC=") for n in notes[1::2])
+    assert notes[2::2] == ["READY=1"] * 3, notes
