@@ -5,6 +5,7 @@ import ctypes
 import errno
 import os
 import threading
+import time
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import structlog
@@ -295,12 +296,28 @@ class Map:
                 yield k, v
 
 
-class RingBuffer:
-    """A BPF ring buffer consumer. The callback gets each record as bytes."""
+_EAGAIN = 11
+_BUDGET_CHECK = 256       # records between looks at the clock
 
-    def __init__(self, rb_map: Map, callback: Callable[[bytes], None], raw: bool = False):
+
+class RingBuffer:
+    """A BPF ring buffer consumer. The callback gets each record as bytes.
+
+    libbpf's poll goes on consuming for as long as records keep arriving, so under a sustained
+    flood it would never return and the caller's other duties (signals, kill requests, the
+    command's exit) would wait. With budget_s, a poll stops after about that much work: the
+    callback returns -EAGAIN after a record it has handled (libbpf has already moved the consumer
+    past it), and poll() reports what it consumed."""
+
+    def __init__(self, rb_map: Map, callback: Callable[[bytes], None], raw: bool = False,
+                 budget_s: Optional[float] = None):
         lb = lib()
         self._errors: List[BaseException] = []
+        self._budget_s = budget_s
+        self._deadline = 0.0
+        self._seen = 0
+        self._stopped = False
+        self.budget_stops = 0    # polls cut short by the budget
 
         if raw:
             # For benchmarks: the ceiling of a Python callback that looks at nothing.
@@ -308,6 +325,7 @@ class RingBuffer:
                 return 0
         else:
             string_at = ctypes.string_at
+            monotonic = time.monotonic
 
             def _cb(_ctx, data, size):
                 try:
@@ -315,6 +333,11 @@ class RingBuffer:
                 except BaseException as e:  # never unwind through C; re-raised after poll
                     self._errors.append(e)
                     return -1
+                if budget_s is not None:
+                    self._seen += 1
+                    if self._seen % _BUDGET_CHECK == 0 and monotonic() > self._deadline:
+                        self._stopped = True
+                        return -_EAGAIN
                 return 0
 
         self._cb = libbpf.RING_BUFFER_SAMPLE_FN(_cb)
@@ -325,6 +348,10 @@ class RingBuffer:
         self._ptr = ptr
 
     def _check(self, ret: int) -> int:
+        if self._stopped:
+            self._stopped = False
+            self.budget_stops += 1
+            return self._seen
         if self._errors:
             e = self._errors[0]
             self._errors.clear()
@@ -333,10 +360,18 @@ class RingBuffer:
             raise BpfError(f"ring buffer poll failed: {lib().strerror(libbpf.int_error(ret))}")
         return max(ret, 0)
 
+    def _start(self, budgeted: bool) -> None:
+        self._seen, self._stopped = 0, False
+        if self._budget_s is not None:
+            self._deadline = time.monotonic() + self._budget_s if budgeted else float("inf")
+
     def poll(self, timeout_ms: int) -> int:
+        self._start(True)
         return self._check(lib().ring_buffer__poll(self._ptr, timeout_ms))
 
     def consume(self) -> int:
+        """Everything there is (no budget): the last drain."""
+        self._start(False)
         return self._check(lib().ring_buffer__consume(self._ptr))
 
     def epoll_fd(self) -> int:

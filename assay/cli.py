@@ -64,9 +64,19 @@ def monitor(
     stop_file: Optional[str] = typer.Option(None, "--stop-file", help="FILE holds a secret token at start "
                                                                        "(read, then removed); writing the same "
                                                                        "token to FILE later stops the monitor."),
+    metrics_addr: Optional[str] = typer.Option(None, "--metrics-addr", help="Serve Prometheus metrics on "
+                                                                             "HOST:PORT (loopback if only "
+                                                                             ":PORT is given)."),
+    decisions: str = typer.Option("policy", "--decisions", help="policy: load the decisions the policy needs; "
+                                                                "all: every decision, so a reload (SIGHUP) "
+                                                                "may bring rules of any type."),
+    append: bool = typer.Option(False, "--append", help="Append to --output instead of truncating it."),
     command: List[str] = typer.Argument(None, metavar="[-- COMMAND [ARGS]...]"),
 ) -> None:
-    """Stream the events of a process tree, a cgroup, or a command started in scope."""
+    """Stream the events of a process tree, a cgroup, or a command started in scope.
+
+    SIGHUP reloads --policy (the old one stays in force if the new one is bad) and reopens
+    --output; SIGUSR1 only reopens --output (logrotate)."""
     from assay.monitor import Monitor, MonitorOptions, Scope, parse_duration
 
     from assay import enforcers, output
@@ -78,6 +88,16 @@ def monitor(
         raise UsageError(f"--ringbuf-size: {ringbuf_size} must be a power of 2 and at least 4096")
     if not 64 <= max_scope <= 1 << 22:
         raise UsageError(f"--max-scope: {max_scope} must be between 64 and {1 << 22}")
+    if decisions not in ("policy", "all"):
+        raise UsageError(f"--decisions: invalid value {decisions!r} (choose policy or all)")
+    if decisions == "all" and not policy:
+        raise UsageError("--decisions all needs --policy (it is for reloading one)")
+    if append and not output_path:
+        raise UsageError("--append needs --output")
+    metrics = None
+    if metrics_addr is not None:
+        from assay.metrics import parse_addr
+        metrics = parse_addr(metrics_addr)
     pol = None
     if policy:
         from assay.policy import load_policy, resolve_hosts
@@ -87,7 +107,7 @@ def monitor(
                           ebpf=ebpf, ringbuf_size=ringbuf_size, enforcer=enforcer, wait_all=wait_all,
                           scope_grace=parse_duration(scope_grace), max_scope=max_scope,
                           protect=not no_protect, protect_mounts=not allow_mounts, ready_file=ready_file,
-                          stop_file=stop_file)
+                          stop_file=stop_file, decisions=decisions, metrics=metrics)
     recorder = None
     if record:
         from assay import learning
@@ -99,7 +119,7 @@ def monitor(
         raise UsageError("--run-id needs --record")
     mon = Monitor(opts, on_event=recorder.feed if recorder else None)
     try:
-        out = output.EventWriter.to_path(output_path) if output_path else output.EventWriter.to_stdout()
+        out = output.EventWriter.to_path(output_path, append) if output_path else output.EventWriter.to_stdout()
     except OSError as e:
         raise UsageError(f"--output {output_path}: {e.strerror}") from None
     try:

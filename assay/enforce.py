@@ -8,7 +8,7 @@ import ipaddress
 import os
 import stat
 import struct
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import attrs
 
@@ -184,8 +184,24 @@ def _resolve(policy, rule, glob, notes: List[str]) -> Tuple[str, bool]:
     return parent, True
 
 
-def plan(policy, rule_types: Iterable[str] = ("file_open", "proc_exec")) -> Plan:
-    """Resolves every path of every rule of the given types to inode identities."""
+def rule_ids(policy, previous: Optional[Mapping[str, int]] = None) -> Dict[str, int]:
+    """Rule id -> the number the kernel's entries and events carry for it (rule_id). A fresh
+    start numbers the rules by position from 1; a reload keeps every number it has handed out
+    and gives a rule it has not seen the next unused one, so an entry written for number i never
+    comes to mean another rule (docs/service.md, Reload)."""
+    out = dict(previous or {})
+    nxt = max(out.values(), default=0) + 1
+    for r in policy.rules:
+        if r.id not in out:
+            out[r.id] = nxt
+            nxt += 1
+    return out
+
+
+def plan(policy, rule_types: Iterable[str] = ("file_open", "proc_exec"),
+         ids: Optional[Mapping[str, int]] = None) -> Plan:
+    """Resolves every path of every rule of the given types to inode identities (rule numbers
+    from `ids`, by default their positions)."""
     entries: List[Entry] = []
     notes: List[str] = []
     names: Dict[int, str] = {}
@@ -193,7 +209,9 @@ def plan(policy, rule_types: Iterable[str] = ("file_open", "proc_exec")) -> Plan
     prefix = {"file_open": "file", "proc_exec": "exec"}
     if not policy.enabled:
         return Plan((), ("runtime_monitor.enabled is false: no rule is enforced",), {}, {})
-    for index, rule in enumerate(policy.rules, start=1):
+    ids = ids or rule_ids(policy)
+    for rule in policy.rules:
+        index = ids[rule.id]
         names[index] = rule.id
         action = rule_action(policy, rule)
         if action is abi.Action.KILL_GRACEFUL:  # any rule type: net rules kill gracefully too
@@ -253,8 +271,10 @@ def _keep_other_rules(entries: List[Entry], names: Dict[int, str], notes: List[s
     return added
 
 
-def apply(plan_: Plan, maps: Dict[str, object]) -> int:
-    """Writes the plan into the maps (strongest action first wins); returns keys written."""
+def file_contents(plan_: Plan) -> Dict[str, Dict[bytes, bytes]]:
+    """Map name -> {key: value}: exactly what the file and exec maps hold for the plan (strongest
+    action first wins a key), with the name gates (name_dirs) and subtree_devs. Pure: a reload
+    diffs two of these."""
     best: Dict[str, Dict[bytes, Tuple[int, int, int]]] = {}
     for e in plan_.entries:
         strength = _STRENGTH[e.action]
@@ -263,29 +283,43 @@ def apply(plan_: Plan, maps: Dict[str, object]) -> int:
             cur = per.get(kb)
             if cur is None or strength > cur[0]:
                 per[kb] = (strength, e.rule_index, int(e.action) | _map_flag(e))
-    written = 0
-    for map_name, per in best.items():
-        maps[map_name].update_many([(kb, _REF.pack(idx, act)) for kb, (_, idx, act) in per.items()])
-        written += len(per)
-    by_name: Dict[str, Dict[bytes, Tuple[int, int, int]]] = {}
     gates: Dict[bytes, int] = {}
     for n in plan_.names:
-        per = by_name.setdefault(n.map_name, {})
+        per = best.setdefault(n.map_name, {})
         for kb in n.keys():
             cur = per.get(kb)
             if cur is None or _STRENGTH[n.action] > cur[0]:
                 per[kb] = (_STRENGTH[n.action], n.rule_index, int(n.action))
         for g in n.gate_keys():
             gates[g] = gates.get(g, 0) | (1 if n.map_name.startswith("file") else 2)
-    for map_name, per in by_name.items():
-        maps[map_name].update_many([(kb, _REF.pack(idx, act)) for kb, (_, idx, act) in per.items()])
-        written += len(per)
+    out = {m: {kb: _REF.pack(idx, act) for kb, (_, idx, act) in per.items()} for m, per in best.items()}
     if gates:
-        maps["name_dirs"].update_many([(g, struct.pack("<I", bits)) for g, bits in gates.items()])
+        out["name_dirs"] = {g: struct.pack("<I", bits) for g, bits in gates.items()}
     devs = subtree_devs(plan_)
     if devs:
-        maps["subtree_devs"].update_many([(struct.pack("<I", d), struct.pack("<I", 1)) for d in devs])
+        out["subtree_devs"] = {struct.pack("<I", d): struct.pack("<I", 1) for d in devs}
+    return out
+
+
+# Maps that hold a plan's structure rather than rule entries (apply's count leaves them out).
+GATE_MAPS = ("name_dirs", "subtree_devs")
+
+
+def apply(plan_: Plan, maps: Dict[str, object]) -> int:
+    """Writes the plan into empty maps; returns the rule keys written."""
+    written = 0
+    for map_name, per in file_contents(plan_).items():
+        maps[map_name].update_many(list(per.items()))
+        if map_name not in GATE_MAPS:
+            written += len(per)
     return written
+
+
+def contents(plan_: Plan, net_plan: "NetPlan") -> Dict[str, Dict[bytes, bytes]]:
+    """Every rule map's content for a policy (file, exec and net), empty maps left out."""
+    out = file_contents(plan_)
+    out.update({m: dict(e) for m, e in net_plan.maps.items() if e})
+    return out
 
 
 def _map_flag(e) -> int:
@@ -360,13 +394,15 @@ class NetPlan:
         return sum(bit for name, bit in names.items() if self.maps.get(name))
 
 
-def plan_net(policy) -> NetPlan:
+def plan_net(policy, ids: Optional[Mapping[str, int]] = None) -> NetPlan:
     """net_connect rules (host names already resolved) to LPM trie entries."""
     deny: List[NetItem] = []
     allow: List[NetItem] = []
     rule_of = {}
+    ids = ids or rule_ids(policy)
     if policy.enabled:
-        for index, rule in enumerate(policy.rules, start=1):
+        for rule in policy.rules:
+            index = ids[rule.id]
             if rule.type != "net_connect":
                 continue
             rule_of[index] = rule

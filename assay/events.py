@@ -225,8 +225,13 @@ def _via(ev: dict) -> str:
 
 def to_text(ev: dict) -> str:
     """One line for people; every string in ev is already escaped."""
-    who = f"[{ev['pid']} {ev['comm']}]"
     t = ev["type"]
+    if t == "policy_reloaded":
+        return (f"POLICY RELOADED {ev['path']} ({ev['policy']}): +{ev['added']} -{ev['removed']} ~{ev['changed']} "
+                f"rules; entries +{ev['entries']['added']} ~{ev['entries']['updated']} -{ev['entries']['removed']}")
+    if t == "policy_reload_failed":
+        return f"POLICY RELOAD {ev['outcome'].upper()} {ev['path']}: {ev['error']}"
+    who = f"[{ev['pid']} {ev['comm']}]"
     if t == "exec":
         return f"{who} exec {ev['filename']} {' '.join(ev['argv'][1:])}".rstrip()
     if t == "exit":

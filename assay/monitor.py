@@ -6,6 +6,7 @@ import ctypes
 import os
 import signal
 import struct
+import threading
 import time
 from importlib import resources
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -13,14 +14,16 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import attrs
 import structlog
 
-from assay import abi, enforce, enforcers, events, notify, output, reaper, spawn, system
+from assay import abi, enforce, enforcers, events, notify, output, reaper, reload, spawn, system
 from assay.bpf import Object, RingBuffer
 from assay.errors import BpfError, UsageError
 
 log = structlog.get_logger("assay.monitor")
 
 ALL_EVENTS = tuple(t for t in abi.EventType)
+RULE_EVENTS = ("file_blocked", "exec_blocked", "net_blocked", "file_alert", "exec_alert", "net_alert")
 GRACE_S = 5.0
+POLL_BUDGET_S = 0.2   # event decoding per loop turn, at most, before signals and kills get their turn
 DEFAULT_MAX_SCOPE = 65536
 
 
@@ -66,6 +69,8 @@ class MonitorOptions:
     protect_mounts: bool = True       # with subtree rules, the scope may not mount (--allow-mounts)
     ready_file: Optional[str] = None  # written (our pid) once programs are attached and the scope is set
     stop_file: Optional[str] = None   # holds a token at start; the same token written there later stops us
+    decisions: str = "policy"         # which decisions load: those the policy needs, or "all" (any reload)
+    metrics: Optional[Tuple[str, int]] = None  # --metrics-addr (host, port)
 
 
 @attrs.define
@@ -78,6 +83,7 @@ class Summary:
     output_lost: int = 0              # events that never reached --output / stdout
     output_errors: Dict[str, int] = attrs.Factory(dict)
     scope_survivors: int = 0          # processes still alive after the end of scope (should be 0)
+    rule_hits: Dict[Tuple[str, str, str], int] = attrs.Factory(collections.Counter)  # (type, rule, action)
 
     @property
     def dropped(self) -> int:
@@ -184,6 +190,16 @@ class Monitor:
         self._cfg: Optional[abi.Config] = None
         self.agent = None                 # the host backend's fanotify side, while it runs
         self._stop_token: Optional[str] = None
+        # The policy in force, and what a reload needs to change it (assay/reload.py).
+        self.policy = opts.policy
+        self.rule_ids: Dict[str, int] = {}
+        self.contents: Dict[str, Dict[bytes, bytes]] = {}
+        self.kill_graceful: Dict[int, int] = {}
+        self.loaded_hooks: set = set()
+        self.capacity: Dict[str, int] = {}
+        self.reloads = reload.History()
+        self._hup = self._usr1 = False
+        self.lock = threading.Lock()      # held while the object closes: metrics scrapes read it
 
     # ------------------------------------------------------------ setup
     def load(self) -> Object:
@@ -230,13 +246,18 @@ class Monitor:
                 output.say(f"assay: warning: this kernel preempts kernel code ({model}), so it can skip an "
                            "fmod_ret decision; skipped ones are counted (decisions_skipped). See docs/enforcers.md")
         self.obj = obj
+        self.loaded_hooks = {enforcers.hook_of(p) for p in obj.programs.values()
+                             if enforcers.is_enforcing(p) and p.autoload}
+        self.capacity = {name: int(m.info.max_entries) for name, m in obj.maps.items()}
         return obj
 
     def hooks(self) -> set:
-        """The decisions this run needs (the others are not loaded: start-up is verification)."""
-        kinds = [k for k, bits in (("file", self.plan.rule_bits("file") if self.plan else 0),
-                                   ("exec", self.plan.rule_bits("exec") if self.plan else 0),
-                                   ("net", self.net_plan.bits if self.net_plan else 0)) if bits]
+        """The decisions this run needs (the others are not loaded: start-up is verification),
+        or every decision with --decisions all, so that any policy can be reloaded."""
+        if self.opts.decisions == "all":
+            kinds = ["file", "exec", "net"]
+        else:
+            kinds = reload.kinds_of(self.plan, self.net_plan) if self.plan else []
         if self.opts.protect:
             kinds.append("protect")
         return enforcers.needed_hooks(kinds)
@@ -245,14 +266,16 @@ class Monitor:
         """Resolves rules to inodes before anything is loaded: a bad rule costs nothing (exit 1)."""
         if self.opts.policy is None:
             return
-        self.plan = enforce.plan(self.opts.policy)
-        self.net_plan = enforce.plan_net(self.opts.policy)
+        self.rule_ids = enforce.rule_ids(self.opts.policy)
+        self.plan = enforce.plan(self.opts.policy, ids=self.rule_ids)
+        self.net_plan = enforce.plan_net(self.opts.policy, ids=self.rule_ids)
+        self.kill_graceful = dict(self.plan.kill_graceful)
         for note in self.plan.notes:
             output.say(f"assay: note: {note}")
         for host, addrs in self.opts.policy.resolved_hosts().items():
             output.say(f"assay: note: {host} resolved to {', '.join(addrs)}")
         self.decoder.rule_names = self.plan.rule_names
-        if self.plan.needs_lsm or self.net_plan.bits:
+        if self.plan.needs_lsm or self.net_plan.bits or self.opts.decisions == "all":
             self.enforce = True
 
     def configure(self, cgroup_id: Optional[int], extra: Optional[Callable[[abi.Config], None]] = None) -> None:
@@ -273,6 +296,8 @@ class Monitor:
         if self.plan is not None:
             enforce.apply(self.plan, self.obj.maps)
             enforce.apply_net(self.net_plan, self.obj.maps)
+            self.contents = enforce.contents(self.plan, self.net_plan)
+            self.reloads.loaded(time.time())
             cfg.file_rules = self.plan.rule_bits("file")
             cfg.exec_rules = self.plan.rule_bits("exec")
             cfg.net_rules = self.net_plan.bits
@@ -366,6 +391,34 @@ class Monitor:
                               exclude=(os.getpid(),))
 
     # ------------------------------------------------------------ run
+    def _handle_hup(self, _signum, _frame) -> None:
+        self._hup = True      # reload the policy and reopen --output, in the loop (not in a handler)
+
+    def _handle_usr1(self, _signum, _frame) -> None:
+        self._usr1 = True     # reopen --output only (logrotate)
+
+    def _service_signals(self) -> None:
+        hup, self._hup, self._usr1 = self._hup, False, False
+        if self._out is not None:
+            err = self._out.reopen()
+            if err:
+                output.say(f"assay: warning: --output: {err}")
+        if hup:
+            self.reload_policy()
+
+    def reload_policy(self) -> reload.Result:
+        """SIGHUP: the --policy file again, in force with no gap, or the old one stays."""
+        if self.policy is None:
+            output.say("assay: SIGHUP: no --policy was given, nothing to reload (--output was reopened)")
+            return reload.Result("refused", "", "no --policy was given at start")
+        notify.sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        result = reload.reload(self.policy.path, self, lambda new: reload.put_in_force(self, new))
+        self.reloads.record(result, time.time())
+        self._write(result.event(self._now()))
+        output.say(result.message())
+        notify.sd_notify("READY=1")
+        return result
+
     def _handle_signal(self, signum, _frame) -> None:
         self._stop = True
         if self._child:
@@ -381,7 +434,8 @@ class Monitor:
         self._write(self.decoder.decode(data))
 
     def _start_graceful_kills(self) -> None:
-        if not (self.plan and (self.plan.kill_graceful or (self.backend and self.backend.name == "host"))):
+        host = self.backend is not None and self.backend.name == "host"
+        if not (self.kill_graceful or host):
             return  # no trigger_kill rule can write a request
         requests = self.kill_requests()
         if self.agent is not None:
@@ -391,11 +445,13 @@ class Monitor:
             if rule_id & abi.KILL_NOW:  # a cgroup program's immediate kill: it cannot signal itself
                 reaper.kill_now(pid)
                 continue
-            grace = self.plan.kill_graceful.get(rule_id, 3000) / 1000.0
+            grace = self.kill_graceful.get(rule_id, 3000) / 1000.0
             self._graceful.start(pid, self.decoder.rule_names.get(rule_id, str(rule_id)), grace)
 
     def _write(self, ev: dict) -> None:
         self.summary.counts[ev["type"]] += 1
+        if "rule" in ev and ev["type"] in RULE_EVENTS:
+            self.summary.rule_hits[(ev["type"], ev["rule"], ev["action"])] += 1
         if self.on_event is not None:
             self.on_event(ev)
         if self._out is not None:
@@ -405,6 +461,8 @@ class Monitor:
         """One turn of the event loop: events, kill requests, pending output."""
         rb.poll(20 if self.agent is not None and self.agent.active else 100)
         self._drain_agent()
+        if self._hup or self._usr1:
+            self._service_signals()
         self._start_graceful_kills()
         self._graceful.reap()
         if self._out is not None:
@@ -427,17 +485,29 @@ class Monitor:
                 raise UsageError(f"--stop-file {opts.stop_file}: {e}") from None
         self.prepare_policy()
         cgroup_id = self.resolve_cgroup()
-        self.load()
+        endpoint = None
+        if opts.metrics:
+            from assay.metrics import Endpoint  # binds now: a taken port is an error before anything loads
+            endpoint = Endpoint(*opts.metrics, snapshot=self.snapshot)
+            output.say(f"assay: metrics on {endpoint.url}")
+        try:
+            self.load()
+        except BaseException:
+            if endpoint is not None:
+                endpoint.close()
+            raise
         self._out = out
         self._graceful = reaper.GracefulKills(self._write, self._now)
         start = time.monotonic()
         old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._handle_hup)
+        old[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._handle_usr1)
         rb = watchdog = None
         status = None
         clean = False
         try:
             self.configure(cgroup_id)
-            rb = RingBuffer(self.obj.maps["events"], self._emit)
+            rb = RingBuffer(self.obj.maps["events"], self._emit, budget_s=POLL_BUDGET_S)
             # Fork tracking first, then the scan: a child forked during the scan is caught by
             # one or the other.
             self.obj.attach()
@@ -495,6 +565,8 @@ class Monitor:
                 self.agent.stop()
             if watchdog is not None:
                 watchdog.stand_down()
+            if endpoint is not None:
+                endpoint.close()
             for s, h in old.items():
                 signal.signal(s, h)
             self.summary.duration_s = time.monotonic() - start
@@ -505,9 +577,20 @@ class Monitor:
             if self.agent is not None:
                 self.summary.kernel_counters.update(host_events_dropped=self.agent.dropped,
                                                     host_errors=self.agent.errors)
-            if rb is not None:
-                rb.close()
-            self.obj.close()
+            with self.lock:
+                if rb is not None:
+                    rb.close()
+                self.obj.close()
+
+    def snapshot(self):
+        """The live state for a metrics scrape (another thread); None before the maps exist or
+        once they are closed."""
+        from assay.metrics import snapshot
+
+        with self.lock:
+            if self.obj is None or not self.obj.loaded or self.obj._ptr is None or self._cfg is None:
+                return None
+            return snapshot(self)
 
     def _start_agent(self, backend: enforcers.Backend, obj: Object) -> None:
         """The host backend's file and exec rules: fanotify marks, answered on a thread. Until the

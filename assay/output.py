@@ -40,8 +40,10 @@ def own_description(fd: int) -> int:
 class EventWriter:
     """Line-oriented, batched writes to a file descriptor it owns."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, path: "str | None" = None):
         self.fd = fd
+        self.path = path            # a file given by --output: reopened on request (logrotate)
+        self.reopened = 0
         self._lines: Deque[bytes] = collections.deque()
         self._size = 0
         self._offset = 0            # bytes of the first pending line already written
@@ -50,8 +52,31 @@ class EventWriter:
         self.closed = False         # the reader is gone (EPIPE): later lines are counted as lost
 
     @classmethod
-    def to_path(cls, path: str) -> "EventWriter":
-        return cls(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644))
+    def to_path(cls, path: str, append: bool = False) -> "EventWriter":
+        how = os.O_APPEND if append else os.O_TRUNC
+        return cls(os.open(path, os.O_WRONLY | os.O_CREAT | how | os.O_CLOEXEC, 0o644), path)
+
+    def reopen(self, wait_s: float = 1.0) -> "str | None":
+        """Opens the --output path again (appending; logrotate has moved the old file away) and
+        writes to it from now on. Lines pending are flushed to the old file first, as far as it
+        takes them in wait_s; what it does not take goes to the new one, so no line is lost (a line
+        the old file took only part of is written whole to the new one). Returns an error, or None."""
+        if self.path is None:
+            return None
+        self.flush(wait_s)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            self.errors[errno.errorcode.get(e.errno, str(e.errno))] += 1
+            return f"cannot reopen {self.path}: {e.strerror}; still writing to the file it had open"
+        old, self.fd = self.fd, fd
+        self._offset = 0
+        self.reopened += 1
+        try:
+            os.close(old)
+        except OSError:
+            pass
+        return None
 
     @classmethod
     def to_stdout(cls) -> "EventWriter":

@@ -77,3 +77,14 @@ def test_assay_comes_from_the_wheel():
     pkg = Path(assay.__file__).resolve().parent
     assert str(pkg).startswith("/opt/assay/pkg/")
     assert list((pkg / "data").glob("*.bpf.o")), "the wheel has no BPF object"
+
+
+def test_wheel_dependencies_import():
+    # Every Requires-Dist of the wheel reaches the guest (kernel-matrix/payload.py installs them):
+    # --metrics-addr needs prometheus_client.
+    import prometheus_client
+
+    from assay import metrics
+
+    assert prometheus_client.__file__.startswith("/opt/assay/deps/"), prometheus_client.__file__
+    assert metrics.parse_addr(":9464") == ("127.0.0.1", 9464)
