@@ -31,12 +31,15 @@ def is_enforcing(program) -> bool:
 HOOKS_FOR = {
     "file": {"file_open", "inode_rename", "inode_link"},
     "exec": {"bprm_check", "mmap_file", "file_mprotect", "inode_rename", "inode_link"},
-    "net": {"socket_connect", "socket_sendmsg", "socket_setsockopt", "sctp_bind_connect",
-            "connect4", "connect6", "sendmsg4", "sendmsg6", "setsockopt"},
+    "net": {"socket_connect", "socket_sendmsg", "socket_setsockopt", "sctp_bind_connect"},
     "scope": {"task_alloc"},
     "protect": {"bpf", "bpf_map", "bpf_prog", "task_kill", "ptrace_access_check", "file_open", "kernel_read_file",
                 "kernel_load_data", "sb_mount", "move_mount", "sb_pivotroot", "fs_context_parse_param"},
 }
+
+
+# The host backend's programs (cgroup hooks), by kind: its file and exec rules need none.
+HOST_HOOKS_FOR = {"net": {"connect4", "connect6", "sendmsg4", "sendmsg6", "setsockopt"}}
 
 
 def hook_of(program) -> str:
@@ -44,8 +47,11 @@ def hook_of(program) -> str:
 
 
 def needed_hooks(kinds: Iterable[str]) -> Set[str]:
-    """The hooks a policy with these kinds of rules (file, exec, net, protect) needs."""
-    return set().union(HOOKS_FOR["scope"], *(HOOKS_FOR[k] for k in kinds))
+    """The hooks a policy with these kinds of rules (file, exec, net, protect) needs, for every
+    backend (each loads those of its own programs)."""
+    kinds = list(kinds)
+    return set().union(HOOKS_FOR["scope"], *(HOOKS_FOR[k] for k in kinds),
+                       *(HOST_HOOKS_FOR.get(k, set()) for k in kinds))
 
 
 def select_programs(obj, backend: Optional[Backend], hooks: Optional[Set[str]] = None) -> None:
