@@ -77,6 +77,7 @@ class Row:
     timeout: int
     default: bool = True  # part of a plain `make matrix` run; other rows run when named
     enforcer: str = "lsm"  # the backend `assay monitor --enforcer auto` must pick in this guest
+    only: str = ""         # a pytest -k expression: the row runs only these guest tests
     extra: Dict[str, str] = field(default_factory=dict)
 
     @property
@@ -153,7 +154,7 @@ def load(path: Path = MATRIX_FILE) -> List[Row]:
         rows.append(Row(
             id=rid, kernel=kernel, userland=userland, expect=expect, reason=str(r.get("reason", "")),
             lsm=lsm, timeout=int(r.get("timeout", defaults.get("timeout", 300))),
-            default=bool(r.get("default", True)), enforcer=enforcer,
+            default=bool(r.get("default", True)), enforcer=enforcer, only=str(r.get("only", "")),
         ))
     return rows
 

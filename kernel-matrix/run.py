@@ -36,9 +36,22 @@ def boot_again(failed_boots: List[dict], boot: "qemu.Boot", timeout: float) -> b
     return len(failed_boots) + 1 < MAX_BOOTS and (not failed_boots or spent <= timeout)
 
 
+def with_only(pytest_args: List[str], only: str) -> List[str]:
+    """A row's `only` expression, and-ed with a -k given on the command line."""
+    if not only:
+        return pytest_args
+    args = list(pytest_args)
+    if "-k" in args:
+        i = args.index("-k")
+        args[i + 1] = f"({args[i + 1]}) and ({only})"
+        return args
+    return args + ["-k", only]
+
+
 def run_row(row: Row, kernel: dict, rootfs: dict, wheel_dir: Path, deps_dir: Path,
             pytest_args: List[str], tests: str, timeout: Optional[float]) -> dict:
     matrix.say("run", f"{row.id}: booting {kernel['release']} with {row.userland.id} userland")
+    pytest_args = with_only(pytest_args, row.only)
     b = qemu.boot_row(row, kernel, rootfs, wheel_dir, deps_dir, pytest_args=pytest_args, tests=tests,
                       timeout=timeout)
     failed_boots = []

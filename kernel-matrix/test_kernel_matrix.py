@@ -294,3 +294,13 @@ def test_a_hung_guest_kernel_is_stopped_before_the_timeout(tmp_path, monkeypatch
     # the same guest without the sign runs into the timeout
     b = qemu._boot(["sh", "-c", "echo booting; exec sleep 60"], tmp_path / "console.log", tmp_path / "result", 3, False)
     assert b.timed_out and b.error == "killed after 3 s"
+
+
+def test_a_rows_only_expression_narrows_its_guest_tests():
+    import run
+    rows = {r.id: r for r in matrix.load()}
+    assert run.with_only([], "") == []
+    assert run.with_only(["-x"], "test_vm_load") == ["-x", "-k", "test_vm_load"]
+    assert run.with_only(["-k", "tamper"], "test_vm_load or test_guest_env") == \
+        ["-k", "(tamper) and (test_vm_load or test_guest_env)"]
+    assert rows["5.10-bookworm"].only and not rows["5.10"].only
