@@ -90,6 +90,14 @@ def _cgroup2() -> Check:
                  required=False)
 
 
+def _pid_namespace() -> Check:
+    initial = system.in_initial_pid_namespace()
+    if initial is False:
+        return Check("pid_namespace", False, "a PID namespace of its own (a container): the kernel's process ids "
+                                             "are not this process's", system.PID_NAMESPACE_FIX)
+    return Check("pid_namespace", True, "the host's" if initial else "unknown (/proc/self/ns/pid unreadable)")
+
+
 def _try_tracepoint(obj_path: str) -> Check:
     """Loads and attaches one tracepoint from the shipped object: monitoring works."""
     from assay.bpf import Object
@@ -142,7 +150,7 @@ def _preemption(chosen: Optional[str]) -> Check:
 
 
 def run_checks(obj_path: str) -> List[Check]:
-    checks = [_kernel(), _btf(), _libbpf(), _caps(), _memlock(), _lsm(), _lockdown(), _cgroup2()]
+    checks = [_kernel(), _btf(), _libbpf(), _caps(), _memlock(), _lsm(), _lockdown(), _cgroup2(), _pid_namespace()]
     if checks[2].ok:
         checks.append(_try_tracepoint(obj_path))
         checks += [_try_enforcer(b, obj_path) for b in enforcers.BACKENDS]

@@ -473,6 +473,10 @@ class Monitor:
         opts = self.opts
         if not (opts.scope.pids or opts.scope.cgroup or opts.scope.all or opts.command):
             raise UsageError("nothing to monitor: give --pid, --cgroup, --all or -- COMMAND")
+        if system.in_initial_pid_namespace() is False:
+            raise BpfError("this process runs in a PID namespace of its own: the kernel names processes by "
+                           "other ids than it sees, so no scope would match and nothing would be enforced; "
+                           + system.PID_NAMESPACE_FIX)
         for pid in opts.scope.pids:
             if not os.path.exists(f"/proc/{pid}"):
                 raise UsageError(f"--pid {pid}: no such process")

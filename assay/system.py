@@ -132,6 +132,22 @@ def block_devices_below(st_devs) -> List[Tuple[int, int]]:
     return out
 
 
+PROC_PID_INIT_INO = 0xEFFFFFFC   # the initial PID namespace's inode number, fixed by the kernel
+
+
+def in_initial_pid_namespace() -> Optional[bool]:
+    """False inside a container with a PID namespace of its own: there the kernel's process ids
+    (which every BPF program sees) are not the ones this process sees. None if unknown."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino == PROC_PID_INIT_INO
+    except OSError:
+        return None
+
+
+PID_NAMESPACE_FIX = ("run the monitor in the host's PID namespace (docker run --pid=host, Kubernetes "
+                     "hostPID: true)")
+
+
 def cgroup2_root() -> str:
     """Where cgroup programs attach to cover every process: the cgroup v2 root (the unified mount
     on hybrid hosts). Raises BpfError where none is mounted."""
