@@ -8,7 +8,7 @@ BPFTOOL ?= bpftool
 BPF_SRC := $(wildcard bpf/src/*.bpf.c)
 BPF_HDR := $(wildcard bpf/src/*.h)
 BPF_OBJ := $(patsubst bpf/src/%.bpf.c,assay/data/%.bpf.o,$(BPF_SRC))
-APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool qemu-system-x86 qemu-system-arm qemu-user-static debootstrap cpio dpkg-dev rpm2cpio xz-utils zstd debian-archive-keyring shellcheck apt-utils prometheus logrotate systemd
+APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool qemu-system-x86 qemu-system-arm qemu-user-static debootstrap cpio dpkg-dev rpm2cpio xz-utils zstd debian-archive-keyring shellcheck apt-utils prometheus logrotate systemd btrfs-progs
 KERNELS ?=
 
 .PHONY: all deps apt venv bpf wheel test test-host matrix matrix-fetch demo bench bench-vm clean

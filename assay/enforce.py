@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import ipaddress
 import os
 import stat
@@ -31,11 +32,18 @@ class InodeId:
     ino: int
     gen: Optional[int]  # None: the filesystem has no generation ioctl (tmpfs, initramfs)
     is_dir: bool
+    # The superblock's device as the kernel has it (i_sb->s_dev, which /proc/self/mountinfo shows),
+    # where stat(2) says otherwise: a btrfs subvolume reports a device of its own.
+    sb_dev: Optional[int] = None
 
-    def devs(self) -> Tuple[int, int]:
-        """st_dev in both encodings the kernel may compare with: new_encode_dev and major<<20|minor."""
-        major, minor = os.major(self.dev), os.minor(self.dev)
-        return self.dev & 0xFFFFFFFF, ((major << 20) | minor) & 0xFFFFFFFF
+    def devs(self) -> Tuple[int, ...]:
+        """st_dev in both encodings the kernel may compare with: new_encode_dev and major<<20|minor,
+        and the superblock's device in both where it differs."""
+        out = []
+        for dev in (self.dev, self.sb_dev) if self.sb_dev not in (None, self.dev) else (self.dev,):
+            major, minor = os.major(dev), os.minor(dev)
+            out += [dev & 0xFFFFFFFF, ((major << 20) | minor) & 0xFFFFFFFF]
+        return tuple(dict.fromkeys(out))
 
     def keys(self) -> List[bytes]:
         """Both dev encodings, with the generation and with the gen=0 fallback (seed section 3),
@@ -51,7 +59,37 @@ def identify(path: str) -> InodeId:
         st = os.fstat(fd)
     finally:
         os.close(fd)
-    return InodeId(dev=st.st_dev, ino=st.st_ino, gen=_generation(path, st), is_dir=stat.S_ISDIR(st.st_mode))
+    sb = superblock_dev(path, st.st_dev) if os.major(st.st_dev) == 0 else None
+    return InodeId(dev=st.st_dev, ino=st.st_ino, gen=_generation(path, st), is_dir=stat.S_ISDIR(st.st_mode),
+                   sb_dev=sb)
+
+
+@functools.lru_cache(maxsize=1)
+def _mountinfo() -> Tuple[Tuple[str, int], ...]:
+    """(mount point, superblock dev) of this namespace's mounts, longest mount point first; of two
+    on one point, the later (the one on top). Read once per plan()."""
+    out: Dict[str, int] = {}
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                a = line.split(" - ", 1)[0].split()
+                major, minor = (int(x) for x in a[2].split(":"))
+                point = a[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+                out[point] = os.makedev(major, minor)
+    except (OSError, ValueError, IndexError):
+        return ()
+    return tuple(sorted(out.items(), key=lambda m: -len(m[0])))
+
+
+def superblock_dev(path: str, st_dev: int) -> Optional[int]:
+    """The device of the filesystem `path` is on, as its superblock (and so the kernel's decisions)
+    has it: where stat(2) shows an anonymous device of its own (btrfs subvolumes), mountinfo
+    still shows the superblock's. None where it cannot be told, or is the same."""
+    real = os.path.realpath(path)
+    for point, dev in _mountinfo():
+        if real == point or real.startswith(point.rstrip("/") + "/"):
+            return dev if dev != st_dev else None
+    return None
 
 
 _NO_GEN_DEVS: set = set()  # filesystems that answered ENOTTY: no need to ask them again
@@ -202,6 +240,7 @@ def plan(policy, rule_types: Iterable[str] = ("file_open", "proc_exec"),
          ids: Optional[Mapping[str, int]] = None) -> Plan:
     """Resolves every path of every rule of the given types to inode identities (rule numbers
     from `ids`, by default their positions)."""
+    _mountinfo.cache_clear()
     entries: List[Entry] = []
     notes: List[str] = []
     names: Dict[int, str] = {}
