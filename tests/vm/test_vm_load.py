@@ -65,7 +65,8 @@ def test_every_program_of_a_backend_loads_and_attaches(name, expected_enforcer, 
         hooks = {"file_open", "bprm_check_security" if name == "lsm" else "bprm_check", "mmap_file",
                  "file_mprotect", "inode_rename", "inode_link", "socket_connect", "socket_sendmsg",
                  "socket_setsockopt", "task_alloc", "sctp_bind_connect", "bpf_map", "bpf_prog", "task_kill",
-                 "ptrace_access_check"}
+                 "ptrace_access_check", "bpf", "kernel_read_file", "kernel_load_data", "sb_mount", "move_mount",
+                 "sb_pivotroot", "fs_context_parse_param"}
         assert {obj.programs[n].section.split("/")[-1].replace("security_", "") for n in b.programs(obj)} == hooks
 
 
