@@ -1,0 +1,140 @@
+"""DNS egress allow-lists (issue 18), natively on this kernel through the host backend: a test DNS
+server as the upstream, the monitor's proxy as the command's resolver, real connects judged by
+the kernel's cgroup programs. Nothing is mocked."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from dns_server import Server
+from assay.enforcers import host as host_backend
+
+pytestmark = pytest.mark.root
+HERE = os.path.dirname(__file__)
+PROBE = os.path.join(HERE, "data", "dns_probe.py")
+PY = sys.executable
+EPERM = "errno=1"
+
+
+@pytest.fixture(autouse=True)
+def host_backend_here():
+    why = host_backend._precheck()
+    if why:
+        pytest.skip(f"the host backend cannot work here: {why}")
+
+
+@pytest.fixture(scope="module")
+def target():
+    """A TCP server on every loopback address, v4 and v6 (dual-stack ::), on one port."""
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("::", 0))
+    s.listen(64)
+
+    def serve():
+        while True:
+            try:
+                c, _ = s.accept()
+                c.close()
+            except OSError:
+                return
+    threading.Thread(target=serve, daemon=True).start()
+    yield s.getsockname()[1]
+    s.close()
+
+
+def zone():
+    return {
+        "api.allowed.test": [("A", "127.0.0.21", 1), ("AAAA", "::1", 1)],
+        "cdn.allowed.test": [("CNAME", "edge.other.test", 1)],
+        "edge.other.test": [("A", "127.0.0.22", 1)],
+        "evil.test": [("A", "127.0.0.23", 1)],
+        "allowed.test": [("A", "127.0.0.24", 1)],
+        "x.y.wild.test": [("A", "127.0.0.25", 1)],
+        "many.allowed.test": [("A", f"127.0.1.{i}", 60) for i in range(1, 60)],
+    }
+
+
+@pytest.fixture()
+def upstream():
+    srv = Server(zone())
+    yield srv
+    srv.close()
+
+
+def write_policy(tmp_path, port, extra_not="", name="p.yaml"):
+    p = tmp_path / name
+    p.write_text(f"""version: "2.0"
+name: egress
+runtime_monitor:
+  rules:
+    - id: egress
+      type: net_connect
+      match:
+        dest_globs: ["0.0.0.0/0", "::/0"]
+        not:
+          dest_globs: ["api.allowed.test:{port}", "cdn.allowed.test:{port}", "*.wild.test:{port}",
+                       "many.allowed.test:{port}"{extra_not}]
+      action: deny
+""")
+    return str(p)
+
+
+def run(assay_cmd, tmp_path, upstream, steps, pol=None, extra=(), timeout=60):
+    res, evs = tmp_path / "res.json", tmp_path / "ev.jsonl"
+    args = assay_cmd + ["monitor", "--enforcer", "host", "-o", str(evs), "--dns-ttl-floor", "2s"]
+    if upstream is not None:
+        args += ["--dns-upstream", upstream.addr]
+    if pol:
+        args += ["--policy", pol]
+    p = subprocess.run(args + list(extra) + ["--", PY, PROBE, str(res)] + steps, capture_output=True, text=True,
+                       timeout=timeout)
+    events = [json.loads(line) for line in evs.read_text().splitlines()] if evs.exists() else []
+    out = json.loads(res.read_text()) if res.exists() else None
+    return p, out, events
+
+
+def test_allowed_name_opens_its_address_only_after_resolution(assay_cmd, tmp_path, upstream, target):
+    pol = write_policy(tmp_path, target)
+    p, out, evs = run(assay_cmd, tmp_path, upstream, [
+        f"connect:127.0.0.21:{target}",            # before resolution: denied
+        "resolve:api.allowed.test:4",
+        f"connect:127.0.0.21:{target}",            # after: allowed
+        f"connect:127.0.0.21:{target + 1 if target < 65535 else 1}",  # another port: still denied
+        "resolve:cdn.allowed.test:4",              # CNAME chain from an allowed name
+        f"connect:127.0.0.22:{target}",
+        "resolve:evil.test:4",                     # not listed: answered, nothing inserted
+        f"connect:127.0.0.23:{target}",
+        "resolve:allowed.test:4",                  # the wildcard's suffix itself is not below it
+        f"connect:127.0.0.24:{target}",
+        "resolve:X.Y.WILD.test:4",                 # below the suffix (two labels), any case
+        f"connect:127.0.0.25:{target}",
+    ], write_policy(tmp_path, target))
+    assert p.returncode == 0, p.stderr
+    assert out[0] == EPERM
+    assert out[1]["addrs"] == ["127.0.0.21"]
+    assert out[2] == "ok"
+    assert out[3] == EPERM
+    assert out[4]["addrs"] == ["127.0.0.22"] and out[5] == "ok"
+    assert out[6]["addrs"] == ["127.0.0.23"] and out[7] == EPERM
+    assert out[8]["addrs"] == ["127.0.0.24"] and out[9] == EPERM
+    assert out[10]["addrs"] == ["127.0.0.25"] and out[11] == "ok"
+    dns = [e for e in evs if e["type"] == "dns" and e["qtype"] == "A"]
+    by = {e["name"]: e for e in dns}
+    assert by["api.allowed.test"]["rule"] == "egress" and by["api.allowed.test"]["answers"] == ["127.0.0.21"]
+    assert by["api.allowed.test"]["ttl"] == 1 and by["api.allowed.test"]["inserted"] >= 1
+    assert by["cdn.allowed.test"]["cnames"] == ["edge.other.test"]
+    assert by["evil.test"]["rule"] is None and by["evil.test"]["inserted"] == 0
+    blocked = [e for e in evs if e["type"] == "net_blocked"]
+    evil = [e for e in blocked if e["addr"] == "127.0.0.23"]
+    assert evil and evil[0]["name"] == "evil.test"         # the last name that resolved to it
+    assert [e for e in blocked if e["addr"] == "127.0.0.21"][0].get("name") is None  # before any answer
+    assert "DNS proxy for the command on 127.0.53." in p.stderr
