@@ -138,3 +138,30 @@ def test_allowed_name_opens_its_address_only_after_resolution(assay_cmd, tmp_pat
     assert evil and evil[0]["name"] == "evil.test"         # the last name that resolved to it
     assert [e for e in blocked if e["addr"] == "127.0.0.21"][0].get("name") is None  # before any answer
     assert "DNS proxy for the command on 127.0.53." in p.stderr
+
+
+def test_truncated_answer_then_tcp_and_v6(assay_cmd, tmp_path, upstream, target):
+    """A UDP answer too long for 512 bytes reaches the client with TC; the client asks again over
+    TCP, the proxy forwards over TCP, and the addresses open. AAAA works the same way (::1)."""
+    pol = write_policy(tmp_path, target)
+    p, out, evs = run(assay_cmd, tmp_path, upstream, [
+        "resolvconf",
+        f"connect:[::1]:{target}",
+        "resolve:api.allowed.test:6",
+        f"connect:[::1]:{target}",
+        f"connect:127.0.1.7:{target}",
+        "query:many.allowed.test:A",
+        f"connect:127.0.1.7:{target}",
+    ], pol)
+    assert p.returncode == 0, p.stderr
+    assert out[0].startswith("# written by assay monitor") and "nameserver 127.0.53." in out[0]
+    assert out[1] == EPERM and out[2]["addrs"] == ["::1"] and out[3] == "ok"
+    assert out[4] == EPERM
+    assert out[5]["tc"] is True and len(out[5]["addrs"]) == 59
+    assert out[6] == "ok"
+    assert ("tcp", "many.allowed.test", "A") in upstream.queries
+    many = [e for e in evs if e["type"] == "dns" and e["name"] == "many.allowed.test"]
+    assert [e["transport"] for e in many] == ["udp", "tcp"] and many[0]["truncated"] is True
+    assert many[1]["inserted"] == 59
+    # the host's own resolv.conf is untouched: only the command's mount namespace sees the proxy
+    assert "# written by assay monitor" not in open("/etc/resolv.conf").read()

@@ -1,7 +1,9 @@
 """Run under the monitor: resolve names through the system resolver, connect, report as JSON.
 
 argv: RESULTS.json STEP... where STEP is resolve:NAME[:4|6], connect:ADDR:PORT (v6 in brackets),
-sleep:SECONDS, or dial:NAME:PORT (resolve, then connect to the first address)."""
+sleep:SECONDS, dial:NAME:PORT (resolve, then connect to the first address), query:NAME:TYPE
+(dnspython, UDP to the resolv.conf nameserver, then TCP if the answer is truncated) or
+resolvconf (this namespace's /etc/resolv.conf)."""
 import json
 import socket
 import sys
@@ -43,6 +45,19 @@ for step in sys.argv[2:]:
     elif kind == "connect":
         addr, _, port = rest.rpartition(":")
         out.append(connect(addr.strip("[]"), int(port)))
+    elif kind == "query":
+        import dns.flags, dns.message, dns.query
+        name, _, typ = rest.partition(":")
+        server = [l.split()[1] for l in open("/etc/resolv.conf") if l.startswith("nameserver")][0]
+        q = dns.message.make_query(name, typ)
+        r = dns.query.udp(q, server, timeout=5)
+        res = {"tc": bool(r.flags & dns.flags.TC)}
+        if res["tc"]:
+            r = dns.query.tcp(q, server, timeout=5)
+        res["addrs"] = sorted(x.address for rr in r.answer for x in rr if hasattr(x, "address"))
+        out.append(res)
+    elif kind == "resolvconf":
+        out.append(open("/etc/resolv.conf").read())
     elif kind == "dial":
         name, _, port = rest.rpartition(":")
         r = resolve(name, "")
