@@ -199,9 +199,11 @@ def rule_ids(policy, previous: Optional[Mapping[str, int]] = None) -> Dict[str, 
 
 
 def plan(policy, rule_types: Iterable[str] = ("file_open", "proc_exec"),
-         ids: Optional[Mapping[str, int]] = None) -> Plan:
+         ids: Optional[Mapping[str, int]] = None, aliases: Optional[Mapping[str, str]] = None) -> Plan:
     """Resolves every path of every rule of the given types to inode identities (rule numbers
-    from `ids`, by default their positions)."""
+    from `ids`, by default their positions). `aliases` maps a path to a file that the workload
+    sees in its place (the DNS proxy's resolv.conf, bind-mounted over /etc/resolv.conf): that
+    file gets the decision the path itself would get."""
     entries: List[Entry] = []
     notes: List[str] = []
     names: Dict[int, str] = {}
@@ -232,7 +234,39 @@ def plan(policy, rule_types: Iterable[str] = ("file_open", "proc_exec"),
                 m = f"{prefix[rule.type]}_{kind}" + ("_dirs" if subtree else "")
                 entries.append(Entry(m, ident, index, action, path))
     entries += _keep_other_rules(entries, names, notes)
+    for real, alias in (aliases or {}).items():
+        entries += alias_entries(entries, real, alias)
     return Plan(tuple(entries), tuple(notes), names, graceful, tuple(name_entries(entries)))
+
+
+def alias_entries(entries: List[Entry], real: str, alias: str) -> List[Entry]:
+    """Exact entries for `alias` (another inode, elsewhere in the tree) that repeat the decision
+    nearest to `real`: an exact rule on it, else the deepest subtree holding it (at one level a
+    deny beats an exception, as in the kernel)."""
+    ident = identify(alias)
+    out = []
+    for kind in ("file", "exec"):
+        best = None
+        for e in entries:
+            if not e.map_name.startswith(kind + "_"):
+                continue
+            subtree = e.map_name.endswith("_dirs")
+            if subtree and is_below(real, e.path):
+                level = len(e.path)
+            elif not subtree and e.path == real:
+                level = PATH_MAX_LEVEL
+            else:
+                continue
+            rank = (level, "_deny" in e.map_name)
+            if best is None or rank > best[0]:
+                best = (rank, e)
+        if best is not None:
+            e = best[1]
+            out.append(Entry(f"{kind}_{'deny' if best[0][1] else 'allow'}", ident, e.rule_index, e.action, alias))
+    return out
+
+
+PATH_MAX_LEVEL = 1 << 20   # an exact entry is nearer than any subtree
 
 
 def _keep_other_rules(entries: List[Entry], names: Dict[int, str], notes: List[str]) -> List[Entry]:

@@ -273,7 +273,7 @@ class Monitor:
         if self.opts.policy is None:
             return
         self.rule_ids = enforce.rule_ids(self.opts.policy)
-        self.plan = enforce.plan(self.opts.policy, ids=self.rule_ids)
+        self.plan = enforce.plan(self.opts.policy, ids=self.rule_ids, aliases=self.file_aliases)
         self.net_plan = enforce.plan_net(self.opts.policy, ids=self.rule_ids, dns_server=self.dns_server)
         self.kill_graceful = dict(self.plan.kill_graceful)
         for note in self.plan.notes:
@@ -283,6 +283,13 @@ class Monitor:
         self.decoder.rule_names = self.plan.rule_names
         if self.plan.needs_lsm or self.net_plan.bits or self.opts.decisions == "all":
             self.enforce = True
+
+    @property
+    def file_aliases(self) -> Dict[str, str]:
+        """The command sees the proxy's resolv.conf as /etc/resolv.conf: rules on one cover the other."""
+        if self.dns is None:
+            return {}
+        return {os.path.realpath("/etc/resolv.conf"): self.dns.resolv_conf}
 
     @property
     def dns_server(self) -> Optional[str]:

@@ -320,7 +320,8 @@ class Loaded:
     contents: Dict[str, Dict[bytes, bytes]]
 
 
-def prepare(path: str, previous_ids: Mapping[str, int], dns_server: Optional[str] = None) -> Loaded:
+def prepare(path: str, previous_ids: Mapping[str, int], dns_server: Optional[str] = None,
+            aliases: Optional[Mapping[str, str]] = None) -> Loaded:
     """Parses, validates and resolves a policy file (raises AssayError, FILE:LINE:COL). With the
     DNS proxy running (`dns_server`), names stay names, followed as they resolve."""
     from assay.dns.service import names_for_run
@@ -328,7 +329,7 @@ def prepare(path: str, previous_ids: Mapping[str, int], dns_server: Optional[str
 
     pol = names_for_run(load_policy(path), dynamic=dns_server is not None)
     ids = enforce.rule_ids(pol, previous_ids)
-    plan_ = enforce.plan(pol, ids=ids)
+    plan_ = enforce.plan(pol, ids=ids, aliases=aliases)
     net_plan = enforce.plan_net(pol, ids=ids, dns_server=dns_server)
     return Loaded(pol, ids, plan_, net_plan, enforce.contents(plan_, net_plan))
 
@@ -364,7 +365,7 @@ def reload(path: str, state, apply: Callable[[Loaded], Swap], clock: Callable[[]
     raises: every outcome is a Result for the event stream, the log and the metrics."""
     t0 = clock()
     try:
-        new = prepare(path, state.rule_ids, getattr(state, "dns_server", None))
+        new = prepare(path, state.rule_ids, getattr(state, "dns_server", None), getattr(state, "file_aliases", None))
     except AssayError as e:
         return Result("invalid", path, str(e), duration_s=clock() - t0)
     except Exception as e:  # noqa: BLE001  a reload must never take the monitor down

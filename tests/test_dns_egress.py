@@ -165,3 +165,100 @@ def test_truncated_answer_then_tcp_and_v6(assay_cmd, tmp_path, upstream, target)
     assert many[1]["inserted"] == 59
     # the host's own resolv.conf is untouched: only the command's mount namespace sees the proxy
     assert "# written by assay monitor" not in open("/etc/resolv.conf").read()
+
+
+def test_after_the_ttl_the_address_is_denied_again(assay_cmd, tmp_path, upstream, target):
+    pol = write_policy(tmp_path, target)
+    p, out, evs = run(assay_cmd, tmp_path, upstream, [
+        "resolve:api.allowed.test:4", f"connect:127.0.0.21:{target}", "sleep:3.5", f"connect:127.0.0.21:{target}",
+    ], pol)           # TTL 1 s, clamped to the 2 s floor given by run()
+    assert p.returncode == 0, p.stderr
+    assert out[1] == "ok" and out[3] == EPERM
+    assert '"expired": ' in p.stderr and '"expired": 0' not in p.stderr
+
+
+def test_dns_block_answers_unlisted_names_nxdomain(assay_cmd, tmp_path, upstream, target):
+    pol = write_policy(tmp_path, target)
+    p, out, evs = run(assay_cmd, tmp_path, upstream, ["resolve:evil.test:4", "resolve:api.allowed.test:4"], pol,
+                      extra=["--dns-block"])
+    assert p.returncode == 0, p.stderr
+    assert "error" in out[0] and out[1]["addrs"] == ["127.0.0.21"]
+    assert ("udp", "evil.test", "A") not in upstream.queries        # never asked upstream
+    ev = [e for e in evs if e["type"] == "dns" and e["name"] == "evil.test"][0]
+    assert ev["rcode"] == "NXDOMAIN" and ev["blocked"] is True
+
+
+def test_a_dead_upstream_is_servfail_quickly_with_a_warning(assay_cmd, tmp_path, target):
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)   # takes queries, never answers
+    sink.bind(("127.0.0.78", 0))
+
+    class Dead:
+        addr = f"127.0.0.78:{sink.getsockname()[1]}"
+    t0 = time.monotonic()
+    p, out, evs = run(assay_cmd, tmp_path, Dead, ["resolve:api.allowed.test:4"], write_policy(tmp_path, target))
+    took = time.monotonic() - t0
+    sink.close()
+    assert p.returncode == 0, p.stderr
+    assert "error" in out[0] and out[0]["s"] < 15, out
+    assert took < 30
+    assert f"DNS upstream {Dead.addr} did not answer api.allowed.test (timeout); the workload got SERVFAIL" \
+        in p.stderr
+    ev = [e for e in evs if e["type"] == "dns"][0]
+    assert ev["rcode"] == "SERVFAIL" and ev["upstream_error"] == "timeout"
+
+
+def test_a_process_outside_the_scope_is_unaffected(assay_cmd, tmp_path, upstream, target):
+    pol = write_policy(tmp_path, target)
+    res, evs = tmp_path / "res.json", tmp_path / "ev.jsonl"
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(assay_cmd + ["monitor", "--enforcer", "host", "--policy", pol, "-o", str(evs),
+                                         "--dns-upstream", upstream.addr, "--ready-file", str(ready), "--",
+                                         PY, PROBE, str(res), "sleep:2", f"connect:127.0.0.23:{target}"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    outside = socket.create_connection(("127.0.0.23", target), timeout=3)   # this test is not in the scope
+    outside.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert json.loads(res.read_text())[1] == EPERM
+
+
+def test_wildcard_names_need_a_command(assay_cmd, tmp_path, target):
+    pol = write_policy(tmp_path, target)
+    p = subprocess.run(assay_cmd + ["monitor", "--enforcer", "host", "--policy", pol, "--pid", str(os.getpid()),
+                                    "--duration", "1s"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    col = open(pol).read().splitlines()[9].index('"*.wild') + 1
+    assert f"{pol}:10:{col}: '*.wild.test:{target}': a wildcard name is followed through the DNS proxy" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_learning_by_name_survives_rotating_addresses(assay_cmd, tmp_path, upstream, target):
+    """Five recorded runs, each answered with another address: one stable NAME:PORT item, and the
+    generated policy lets a sixth run with yet another address through (and denies the rest)."""
+    profile = tmp_path / "profile.yaml"
+    steps = [f"dial:api.allowed.test:{target}"]
+    subprocess.run(assay_cmd + ["profile", "init", "--profile", str(profile), "--name", "dns"], check=True,
+                   capture_output=True)
+    for i in range(5):
+        upstream.zone["api.allowed.test"] = [("A", f"127.0.0.{40 + i}", 1)]
+        rec = tmp_path / f"run{i}.jsonl"
+        p, out, _ = run(assay_cmd, tmp_path, upstream, steps, extra=["--record", str(rec)])
+        assert p.returncode == 0 and out == ["ok"], p.stderr
+        assert f'"dest":"api.allowed.test:{target}"' in rec.read_text()
+        subprocess.run(assay_cmd + ["profile", "update", "--profile", str(profile), "--input", str(rec)],
+                       check=True, capture_output=True)
+    show = subprocess.run(assay_cmd + ["profile", "show", "--profile", str(profile), "--format", "json"],
+                          check=True, capture_output=True, text=True).stdout
+    assert f"api.allowed.test:{target}" in show and "127.0.0.4" not in show
+    gen = tmp_path / "gen.yaml"
+    g = subprocess.run(assay_cmd + ["generate", "--profile", str(profile), "--mode", "enforce",
+                                    "--min-stability", "0.5", "--review-threshold", "0.4", "-o", str(gen)], capture_output=True, text=True)
+    assert g.returncode == 0, g.stderr
+    assert f'"api.allowed.test:{target}"' in gen.read_text()
+    upstream.zone["api.allowed.test"] = [("A", "127.0.0.50", 1)]
+    p, out, evs = run(assay_cmd, tmp_path, upstream, steps + [f"connect:127.0.0.51:{target}"], pol=str(gen))
+    assert p.returncode == 0, p.stderr
+    assert out == ["ok", EPERM]
