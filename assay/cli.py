@@ -71,6 +71,15 @@ def monitor(
                                                                 "all: every decision, so a reload (SIGHUP) "
                                                                 "may bring rules of any type."),
     append: bool = typer.Option(False, "--append", help="Append to --output instead of truncating it."),
+    dns_upstream: Optional[str] = typer.Option(None, "--dns-upstream", help="With -- COMMAND: the DNS proxy "
+                                                                             "forwards to ADDR[:PORT] (default: "
+                                                                             "the first nameserver of "
+                                                                             "/etc/resolv.conf)."),
+    dns_block: bool = typer.Option(False, "--dns-block", help="With -- COMMAND: names on no allow-list "
+                                                              "(no `not:` exception) are answered NXDOMAIN."),
+    dns_ttl_floor: str = typer.Option("10s", "--dns-ttl-floor", help="An address a name resolved to stays "
+                                                                     "in the tries at least this long "
+                                                                     "(at most 1h): docs/egress.md."),
     command: List[str] = typer.Argument(None, metavar="[-- COMMAND [ARGS]...]"),
 ) -> None:
     """Stream the events of a process tree, a cgroup, or a command started in scope.
@@ -99,10 +108,24 @@ def monitor(
         from assay.metrics import parse_addr
         metrics = parse_addr(metrics_addr)
     pol = None
+    from assay.dns.service import DnsOptions, names_for_run
     if policy:
-        from assay.policy import load_policy, resolve_hosts
-        pol = resolve_hosts(load_policy(policy))
-    opts = MonitorOptions(policy=pol, scope=Scope(pids=tuple(pid), cgroup=cgroup, all=all_), command=tuple(command or ()),
+        from assay.policy import load_policy
+        pol = load_policy(policy)
+    if (dns_upstream or dns_block) and not command:
+        raise UsageError("--dns-upstream and --dns-block need -- COMMAND (the DNS proxy serves the command's "
+                         "mount namespace); see docs/egress.md")
+    dns = None
+    if command and (dns_upstream or dns_block or record or (pol is not None and pol.name_dests())):
+        from assay.dns.upstream import parse_upstream
+        from assay.dns.table import DEFAULT_CEILING_S
+        floor = parse_duration(dns_ttl_floor)
+        if floor > DEFAULT_CEILING_S:
+            raise UsageError(f"--dns-ttl-floor: {dns_ttl_floor} is longer than the ceiling (1h)")
+        dns = DnsOptions(upstream=parse_upstream(dns_upstream) if dns_upstream else None, block=dns_block,
+                         floor=floor)
+    pol = names_for_run(pol, dynamic=dns is not None)
+    opts = MonitorOptions(dns=dns, policy=pol, scope=Scope(pids=tuple(pid), cgroup=cgroup, all=all_), command=tuple(command or ()),
                           duration=parse_duration(duration) if duration else None, fmt=fmt, output=output_path,
                           ebpf=ebpf, ringbuf_size=ringbuf_size, enforcer=enforcer, wait_all=wait_all,
                           scope_grace=parse_duration(scope_grace), max_scope=max_scope,
@@ -171,6 +194,8 @@ def policy_validate(
             typer.echo(f"note: {note}")
         for host, addrs in pol.resolved_hosts().items():
             typer.echo(f"note: {host} resolved to {', '.join(addrs)}")
+        for d in pol.name_dests():
+            typer.echo(f"note: {d.host} is followed through the DNS proxy as it resolves (needs -- COMMAND)")
     per = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
     typer.echo(f"{file}: OK: policy {pol.name!r}, {len(pol.rules)} rules ({per})")
 

@@ -237,9 +237,11 @@ def rule_ids(policy, previous: Optional[Mapping[str, int]] = None) -> Dict[str, 
 
 
 def plan(policy, rule_types: Iterable[str] = ("file_open", "proc_exec"),
-         ids: Optional[Mapping[str, int]] = None) -> Plan:
+         ids: Optional[Mapping[str, int]] = None, aliases: Optional[Mapping[str, str]] = None) -> Plan:
     """Resolves every path of every rule of the given types to inode identities (rule numbers
-    from `ids`, by default their positions)."""
+    from `ids`, by default their positions). `aliases` maps a path to a file that the workload
+    sees in its place (the DNS proxy's resolv.conf, bind-mounted over /etc/resolv.conf): that
+    file gets the decision the path itself would get."""
     _mountinfo.cache_clear()
     entries: List[Entry] = []
     notes: List[str] = []
@@ -271,7 +273,39 @@ def plan(policy, rule_types: Iterable[str] = ("file_open", "proc_exec"),
                 m = f"{prefix[rule.type]}_{kind}" + ("_dirs" if subtree else "")
                 entries.append(Entry(m, ident, index, action, path))
     entries += _keep_other_rules(entries, names, notes)
+    for real, alias in (aliases or {}).items():
+        entries += alias_entries(entries, real, alias)
     return Plan(tuple(entries), tuple(notes), names, graceful, tuple(name_entries(entries)))
+
+
+def alias_entries(entries: List[Entry], real: str, alias: str) -> List[Entry]:
+    """Exact entries for `alias` (another inode, elsewhere in the tree) that repeat the decision
+    nearest to `real`: an exact rule on it, else the deepest subtree holding it (at one level a
+    deny beats an exception, as in the kernel)."""
+    ident = identify(alias)
+    out = []
+    for kind in ("file", "exec"):
+        best = None
+        for e in entries:
+            if not e.map_name.startswith(kind + "_"):
+                continue
+            subtree = e.map_name.endswith("_dirs")
+            if subtree and is_below(real, e.path):
+                level = len(e.path)
+            elif not subtree and e.path == real:
+                level = PATH_MAX_LEVEL
+            else:
+                continue
+            rank = (level, "_deny" in e.map_name)
+            if best is None or rank > best[0]:
+                best = (rank, e)
+        if best is not None:
+            e = best[1]
+            out.append(Entry(f"{kind}_{'deny' if best[0][1] else 'allow'}", ident, e.rule_index, e.action, alias))
+    return out
+
+
+PATH_MAX_LEVEL = 1 << 20   # an exact entry is nearer than any subtree
 
 
 def _keep_other_rules(entries: List[Entry], names: Dict[int, str], notes: List[str]) -> List[Entry]:
@@ -392,10 +426,31 @@ def _net_items(policy, rule, index: int, dests) -> List[NetItem]:
     action = rule_action(policy, rule)
     out = []
     for d in dests:
+        if d.unresolved:
+            continue  # a name: its addresses arrive through the DNS proxy (assay/dns/table.py)
         nets = [d.network] if d.network is not None else [_ANY4, _ANY6]
         for n in nets:
             out.append(NetItem(n, d.port_lo, d.port_hi, index, action))
     return out
+
+
+def covering(net, items: Iterable[NetItem]) -> List[NetItem]:
+    """The items whose prefix covers `net`, in the order a value lists them: strongest first."""
+    return sorted((i for i in items if i.network.version == net.version and net.subnet_of(i.network)),
+                  key=lambda i: (-_STRENGTH[i.action], i.rule_index, i.lo))
+
+
+def lpm_key(net) -> bytes:
+    key = abi.Lpm4Key(prefixlen=net.prefixlen) if net.version == 4 else abi.Lpm6Key(prefixlen=net.prefixlen)
+    key.addr[:] = list(net.network_address.packed)
+    return bytes(key)
+
+
+def net_value(applicable: List[NetItem]) -> bytes:
+    val = abi.NetValue(count=len(applicable))
+    for j, i in enumerate(applicable):
+        val.ranges[j] = abi.PortRange(lo=i.lo, hi=i.hi, rule_id=i.rule_index, action=int(i.action))
+    return bytes(val)
 
 
 def _closed_values(policy, items: List[NetItem], rule_of: Dict[int, object]) -> Dict[bytes, bytes]:
@@ -403,41 +458,38 @@ def _closed_values(policy, items: List[NetItem], rule_of: Dict[int, object]) -> 
     first, so the single longest-prefix match the kernel makes sees all that applies."""
     out: Dict[bytes, bytes] = {}
     for net in {i.network for i in items}:
-        applicable = sorted((i for i in items if i.network.version == net.version and net.subnet_of(i.network)),
-                            key=lambda i: (-_STRENGTH[i.action], i.rule_index, i.lo))
+        applicable = covering(net, items)
         if len(applicable) > abi.NET_RANGES:
             raise policy.error_at(rule_of[applicable[abi.NET_RANGES].rule_index],
                                   f"more than {abi.NET_RANGES} address/port items apply to {net}; "
                                   "merge port ranges or split the rule")
-        val = abi.NetValue(count=len(applicable))
-        for j, i in enumerate(applicable):
-            val.ranges[j] = abi.PortRange(lo=i.lo, hi=i.hi, rule_id=i.rule_index, action=int(i.action))
-        if net.version == 4:
-            key = abi.Lpm4Key(prefixlen=net.prefixlen)
-            key.addr[:] = list(net.network_address.packed)
-        else:
-            key = abi.Lpm6Key(prefixlen=net.prefixlen)
-            key.addr[:] = list(net.network_address.packed)
-        out[bytes(key)] = bytes(val)
+        out[lpm_key(net)] = net_value(applicable)
     return out
 
 
 @attrs.frozen
 class NetPlan:
     maps: Dict[str, Dict[bytes, bytes]]   # map name -> {key: value}
+    # The static items per map, which the DNS table closes its /32 and /128 values over, and the
+    # tries that names will fill at run time (so their decisions load and their bits are set).
+    items: Dict[str, Tuple[NetItem, ...]] = attrs.Factory(dict)
+    name_maps: Tuple[str, ...] = ()
 
     @property
     def bits(self) -> int:
         names = {"net_deny4": abi.NET_DENY4, "net_deny6": abi.NET_DENY6,
                  "net_allow4": abi.NET_ALLOW4, "net_allow6": abi.NET_ALLOW6}
-        return sum(bit for name, bit in names.items() if self.maps.get(name))
+        return sum(bit for name, bit in names.items() if self.maps.get(name) or name in self.name_maps)
 
 
-def plan_net(policy, ids: Optional[Mapping[str, int]] = None) -> NetPlan:
-    """net_connect rules (host names already resolved) to LPM trie entries."""
+def plan_net(policy, ids: Optional[Mapping[str, int]] = None, dns_server=None) -> NetPlan:
+    """net_connect rules to LPM trie entries. Host names still unresolved are left to the DNS
+    proxy; `dns_server` (an address) is then excepted on port 53 in every net_connect rule, so
+    the workload can always ask its resolver."""
     deny: List[NetItem] = []
     allow: List[NetItem] = []
     rule_of = {}
+    name_maps: List[str] = []
     ids = ids or rule_ids(policy)
     if policy.enabled:
         for rule in policy.rules:
@@ -447,12 +499,19 @@ def plan_net(policy, ids: Optional[Mapping[str, int]] = None) -> NetPlan:
             rule_of[index] = rule
             deny += _net_items(policy, rule, index, rule.dests)
             allow += _net_items(policy, rule, index, rule.not_dests)
+            if dns_server is not None:
+                allow.append(NetItem(ipaddress.ip_network(dns_server), 53, 53, index, rule_action(policy, rule)))
+            for kind, dests in (("deny", rule.dests), ("allow", rule.not_dests)):
+                if any(d.unresolved for d in dests):
+                    name_maps += [f"net_{kind}4", f"net_{kind}6"]
     maps = {}
-    for kind, items in (("deny", deny), ("allow", allow)):
+    items = {}
+    for kind, sel_items in (("deny", deny), ("allow", allow)):
         for version in (4, 6):
-            sel = [i for i in items if i.network.version == version]
+            sel = [i for i in sel_items if i.network.version == version]
             maps[f"net_{kind}{version}"] = _closed_values(policy, sel, rule_of) if sel else {}
-    return NetPlan(maps)
+            items[f"net_{kind}{version}"] = tuple(sel)
+    return NetPlan(maps, items, tuple(dict.fromkeys(name_maps)))
 
 
 def apply_net(plan_: NetPlan, maps: Dict[str, object]) -> int:

@@ -71,6 +71,7 @@ class MonitorOptions:
     stop_file: Optional[str] = None   # holds a token at start; the same token written there later stops us
     decisions: str = "policy"         # which decisions load: those the policy needs, or "all" (any reload)
     metrics: Optional[Tuple[str, int]] = None  # --metrics-addr (host, port)
+    dns: Optional[object] = None      # assay.dns.service.DnsOptions: run the scope's DNS proxy (-- CMD)
 
 
 @attrs.define
@@ -84,6 +85,7 @@ class Summary:
     output_errors: Dict[str, int] = attrs.Factory(dict)
     scope_survivors: int = 0          # processes still alive after the end of scope (should be 0)
     rule_hits: Dict[Tuple[str, str, str], int] = attrs.Factory(collections.Counter)  # (type, rule, action)
+    dns: Dict[str, object] = attrs.Factory(dict)   # the DNS proxy's counters, when it ran
 
     @property
     def dropped(self) -> int:
@@ -96,7 +98,8 @@ class Summary:
                 "duration_s": round(self.duration_s, 3), "exit_status": self.exit_status,
                 "enforcer": self.enforcer, "output_lost": self.output_lost,
                 **({"output_errors": dict(self.output_errors)} if self.output_errors else {}),
-                **({"scope_survivors": self.scope_survivors} if self.scope_survivors else {})}
+                **({"scope_survivors": self.scope_survivors} if self.scope_survivors else {}),
+                **({"dns": dict(self.dns)} if self.dns else {})}
 
     def as_text(self) -> str:
         per = ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())) or "none"
@@ -105,6 +108,8 @@ class Summary:
                 f"{'; lost: ' + lost if lost else ''}; duration={self.duration_s:.2f}s"
                 f"{'; enforcer=' + self.enforcer if self.enforcer else ''}"
                 f"{f'; output_lost={self.output_lost}' if self.output_lost else ''}")
+        if self.dns:
+            text += "; dns: " + ", ".join(f"{k}={v}" for k, v in self.dns.items())
         if self.exit_status is not None:
             text += f"; command exit status={self.exit_status}"
         return text
@@ -200,6 +205,7 @@ class Monitor:
         self.reloads = reload.History()
         self._hup = self._usr1 = False
         self.lock = threading.Lock()      # held while the object closes: metrics scrapes read it
+        self.dns = None                   # assay.dns.service.DnsService, with opts.dns
 
     # ------------------------------------------------------------ setup
     def load(self) -> Object:
@@ -267,8 +273,8 @@ class Monitor:
         if self.opts.policy is None:
             return
         self.rule_ids = enforce.rule_ids(self.opts.policy)
-        self.plan = enforce.plan(self.opts.policy, ids=self.rule_ids)
-        self.net_plan = enforce.plan_net(self.opts.policy, ids=self.rule_ids)
+        self.plan = enforce.plan(self.opts.policy, ids=self.rule_ids, aliases=self.file_aliases)
+        self.net_plan = enforce.plan_net(self.opts.policy, ids=self.rule_ids, dns_server=self.dns_server)
         self.kill_graceful = dict(self.plan.kill_graceful)
         for note in self.plan.notes:
             output.say(f"assay: note: {note}")
@@ -277,6 +283,17 @@ class Monitor:
         self.decoder.rule_names = self.plan.rule_names
         if self.plan.needs_lsm or self.net_plan.bits or self.opts.decisions == "all":
             self.enforce = True
+
+    @property
+    def file_aliases(self) -> Dict[str, str]:
+        """The command sees the proxy's resolv.conf as /etc/resolv.conf: rules on one cover the other."""
+        if self.dns is None:
+            return {}
+        return {os.path.realpath("/etc/resolv.conf"): self.dns.resolv_conf}
+
+    @property
+    def dns_server(self) -> Optional[str]:
+        return self.dns.address if self.dns is not None else None
 
     def configure(self, cgroup_id: Optional[int], extra: Optional[Callable[[abi.Config], None]] = None) -> None:
         cfg = abi.Config()
@@ -301,6 +318,9 @@ class Monitor:
             cfg.file_rules = self.plan.rule_bits("file")
             cfg.exec_rules = self.plan.rule_bits("exec")
             cfg.net_rules = self.net_plan.bits
+        if self.dns is not None:
+            from assay.dns.names import name_rules
+            self.dns.start(self.obj.maps, self.net_plan or enforce.NetPlan({}), name_rules(self.policy, self.rule_ids))
         if extra:
             extra(cfg)
         self._cfg = cfg
@@ -449,6 +469,10 @@ class Monitor:
             self._graceful.start(pid, self.decoder.rule_names.get(rule_id, str(rule_id)), grace)
 
     def _write(self, ev: dict) -> None:
+        if self.dns is not None and ev["type"] in ("connect", "net_blocked", "net_alert") and ev.get("addr"):
+            name = self.dns.name_of(str(ev["addr"]))
+            if name is not None:
+                ev["name"] = name     # the last name that resolved to this address
         self.summary.counts[ev["type"]] += 1
         if "rule" in ev and ev["type"] in RULE_EVENTS:
             self.summary.rule_hits[(ev["type"], ev["rule"], ev["action"])] += 1
@@ -461,6 +485,8 @@ class Monitor:
         """One turn of the event loop: events, kill requests, pending output."""
         rb.poll(20 if self.agent is not None and self.agent.active else 100)
         self._drain_agent()
+        if self.dns is not None:
+            self.dns.tick(self._write)
         if self._hup or self._usr1:
             self._service_signals()
         self._start_graceful_kills()
@@ -487,18 +513,26 @@ class Monitor:
                 raise UsageError(f"--stop-file {opts.stop_file}: {e.strerror}") from None
             except ValueError as e:
                 raise UsageError(f"--stop-file {opts.stop_file}: {e}") from None
-        self.prepare_policy()
-        cgroup_id = self.resolve_cgroup()
         endpoint = None
-        if opts.metrics:
-            from assay.metrics import Endpoint  # binds now: a taken port is an error before anything loads
-            endpoint = Endpoint(*opts.metrics, snapshot=self.snapshot)
-            output.say(f"assay: metrics on {endpoint.url}")
         try:
+            if opts.dns is not None and opts.command:
+                from assay.dns.service import DnsService
+                self.dns = DnsService(opts.dns, lambda m: output.say(f"assay: warning: {m}"), self.decoder.timestamp)
+                self.dns.bind()   # first: the net plan excepts the proxy's address
+                output.say(f"assay: DNS proxy for the command on {self.dns.address}:53, upstream "
+                           f"{self.dns.upstream[0]}:{self.dns.upstream[1]}")
+            self.prepare_policy()
+            cgroup_id = self.resolve_cgroup()
+            if opts.metrics:
+                from assay.metrics import Endpoint  # binds now: a taken port is an error before anything loads
+                endpoint = Endpoint(*opts.metrics, snapshot=self.snapshot)
+                output.say(f"assay: metrics on {endpoint.url}")
             self.load()
         except BaseException:
             if endpoint is not None:
                 endpoint.close()
+            if self.dns is not None:
+                self.dns.stop()
             raise
         self._out = out
         self._graceful = reaper.GracefulKills(self._write, self._now)
@@ -528,7 +562,8 @@ class Monitor:
             if opts.command:
                 watchdog = reaper.Watchdog(self.scope_members)
                 self.set_watchdog(watchdog.pid)
-                self._child = spawn.spawn_in_scope(opts.command, self.add_pid)
+                self._child = spawn.spawn_in_scope(opts.command, self.add_pid,
+                                                   self.dns.resolv_conf if self.dns is not None else None)
             deadline = start + opts.duration if opts.duration else None
             stop_at = None
             while True:
@@ -567,6 +602,11 @@ class Monitor:
                     log.error("could not end the scope", error=str(e))
             if self.agent is not None:
                 self.agent.stop()
+            if self.dns is not None:
+                if clean:
+                    self.dns.tick(self._write)   # the last answers' events
+                self.dns.stop()
+                self.summary.dns = self.dns.counters()
             if watchdog is not None:
                 watchdog.stand_down()
             if endpoint is not None:

@@ -54,7 +54,8 @@ _GLOB_CHARS = "*?[]{}"
 
 PATH_FORMS = "an exact absolute path (/a/b/c) or a whole subtree (/dir/**)"
 DEST_FORMS = ("an IP address or CIDR (10.0.0.0/8, ::1, fd00::/8), a port or port range (22, 8000-8999), "
-              "ADDR:PORT or [V6]:PORT (10.1.2.3:443, [::1]:8080), or a host name (example.com, example.com:443)")
+              "ADDR:PORT or [V6]:PORT (10.1.2.3:443, [::1]:8080), or a host name (example.com, example.com:443, "
+              "*.example.com:443)")
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 _MAPPED_V4 = ipaddress.IPv6Network("::ffff:0:0/96")
@@ -110,6 +111,11 @@ class Dest:
     @property
     def unresolved(self) -> bool:
         return self.host is not None and self.network is None
+
+    @property
+    def wildcard(self) -> bool:
+        """`*.SUFFIX`: only the DNS proxy can follow it (no load-time resolution)."""
+        return self.host is not None and self.host.startswith("*.")
 
     def __str__(self) -> str:
         """The canonical dest_globs spelling (a resolved host prints as its name)."""
@@ -186,6 +192,11 @@ class Policy:
                     if a not in addrs:
                         addrs.append(a)
         return {h: tuple(a) for h, a in out.items()}
+
+    def name_dests(self) -> Tuple[Dest, ...]:
+        """The host-name items still unresolved (what the DNS proxy follows at run time)."""
+        return tuple(d for r in self.rules if r.type == "net_connect" for d in r.dests + r.not_dests
+                     if d.unresolved)
 
     def error_at(self, item: Union[Rule, PathGlob, Dest], message: str) -> InputError:
         """An InputError at an item's source position, for errors found after parsing
@@ -353,14 +364,23 @@ def _unmap(net: IPNetwork) -> IPNetwork:
 
 
 def _parse_host(name: str, text: str) -> str:
-    if "*" in name or "?" in name:
-        raise ValueError(f"wildcard host '{name}' cannot be enforced: the kernel sees only addresses, and a "
-                         f"wildcard cannot be resolved to them; list the host names, or use a CIDR")
-    host = name.lower()
-    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
-    if (len(host) > 253 or not all(_LABEL.match(l) for l in labels)
+    """A fully qualified name, lower-cased; or `*.SUFFIX`, which matches
+    one or more labels below SUFFIX (never SUFFIX itself). Names are followed through the DNS
+    proxy at run time (assay/dns/, docs/egress.md)."""
+    host = name.lower()          # kept as written (a trailing dot too); matching ignores the dot
+    wildcard = host.startswith("*.")
+    body = host[2:] if wildcard else host
+    body = body[:-1] if body.endswith(".") else body
+    if "*" in body or "?" in body:
+        raise ValueError(f"wildcard host '{name}' is not valid: a wildcard is only allowed as the whole "
+                         f"first label (*.example.com), and it matches one or more labels below the suffix")
+    labels = body.split(".")
+    if (len(body) > 253 or not all(_LABEL.match(l) for l in labels)
             or labels[-1].isdigit()):
         raise ValueError(f"'{text}' is not a valid destination; allowed: {DEST_FORMS}")
+    if wildcard and len(labels) < 2:
+        raise ValueError(f"wildcard host '{name}' is too wide: the suffix must have at least two labels "
+                         f"(*.example.com, not *.com)")
     return host
 
 
@@ -740,7 +760,8 @@ Resolver = Callable[..., Sequence[Tuple[Any, ...]]]
 
 def resolve_hosts(policy: Policy, resolver: Resolver = socket.getaddrinfo) -> Policy:
     """A new policy in which each host-name Dest becomes one Dest per address the name resolves to
-    (`host` kept, for display). Each name is resolved once. Unresolvable -> InputError at the item."""
+    (`host` kept, for display). Each name is resolved once. Unresolvable -> InputError at the item.
+    Wildcards (`*.SUFFIX`) stay unresolved: only the DNS proxy can follow them."""
     cache: Dict[str, Tuple[IPNetwork, ...]] = {}
 
     def addresses(d: Dest) -> Tuple[IPNetwork, ...]:
@@ -767,7 +788,7 @@ def resolve_hosts(policy: Policy, resolver: Resolver = socket.getaddrinfo) -> Po
     def expand(dests: Tuple[Dest, ...]) -> Tuple[Dest, ...]:
         out: List[Dest] = []
         for d in dests:
-            if d.unresolved:
+            if d.unresolved and not d.wildcard:
                 out.extend(attrs.evolve(d, network=n) for n in addresses(d))
             else:
                 out.append(d)

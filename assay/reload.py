@@ -320,14 +320,17 @@ class Loaded:
     contents: Dict[str, Dict[bytes, bytes]]
 
 
-def prepare(path: str, previous_ids: Mapping[str, int]) -> Loaded:
-    """Parses, validates and resolves a policy file (raises AssayError, FILE:LINE:COL)."""
-    from assay.policy import load_policy, resolve_hosts
+def prepare(path: str, previous_ids: Mapping[str, int], dns_server: Optional[str] = None,
+            aliases: Optional[Mapping[str, str]] = None) -> Loaded:
+    """Parses, validates and resolves a policy file (raises AssayError, FILE:LINE:COL). With the
+    DNS proxy running (`dns_server`), names stay names, followed as they resolve."""
+    from assay.dns.service import names_for_run
+    from assay.policy import load_policy
 
-    pol = resolve_hosts(load_policy(path))
+    pol = names_for_run(load_policy(path), dynamic=dns_server is not None)
     ids = enforce.rule_ids(pol, previous_ids)
-    plan_ = enforce.plan(pol, ids=ids)
-    net_plan = enforce.plan_net(pol, ids=ids)
+    plan_ = enforce.plan(pol, ids=ids, aliases=aliases)
+    net_plan = enforce.plan_net(pol, ids=ids, dns_server=dns_server)
     return Loaded(pol, ids, plan_, net_plan, enforce.contents(plan_, net_plan))
 
 
@@ -362,7 +365,7 @@ def reload(path: str, state, apply: Callable[[Loaded], Swap], clock: Callable[[]
     raises: every outcome is a Result for the event stream, the log and the metrics."""
     t0 = clock()
     try:
-        new = prepare(path, state.rule_ids)
+        new = prepare(path, state.rule_ids, getattr(state, "dns_server", None), getattr(state, "file_aliases", None))
     except AssayError as e:
         return Result("invalid", path, str(e), duration_s=clock() - t0)
     except Exception as e:  # noqa: BLE001  a reload must never take the monitor down
@@ -428,4 +431,7 @@ def put_in_force(mon, new: Loaded) -> Swap:
         output.say(f"assay: note: {note}")
     mon.policy, mon.plan, mon.net_plan = new.policy, new.plan, new.net_plan
     mon.contents = new.contents
+    if getattr(mon, "dns", None) is not None:
+        from assay.dns.names import name_rules
+        mon.dns.rebase(new.net_plan, name_rules(new.policy, new.ids))
     return swap

@@ -272,7 +272,7 @@ BAD_LINES = [
     ('{"type":"file_open","path":"a/b"}', 3, "absolute"),
     ('{"type":"file_open","path":"/a","hits":0}', 3, "hits"),
     ('{"type":"file_open","path":"/a","hits":true}', 3, "hits"),
-    ('{"type":"net_connect","dest":"example.com:443"}', 3, "dest"),
+    ('{"type":"net_connect","dest":"*.example.com:443"}', 3, "dest"),
     ('{"type":"net_connect","dest":"[::1]"}', 3, "dest"),
     ('{"type":"file_opened","path":"/a"}', 3, "unknown type"),
     ('["file_open"]', 3, "JSON object"),
@@ -587,3 +587,15 @@ def test_runs_needed_and_the_five_run_trap():
     assert rep.counts()["allow"] == 0 and any("takes 9 runs" in w for w in rep.warnings)
     _, rep = L.generate(prof, min_stability=0.55, review_threshold=0.5)
     assert rep.counts()["allow"] == 1 and not any("takes" in w for w in rep.warnings)
+
+
+def test_a_name_that_led_to_an_address_is_recorded_as_the_name():
+    from assay.learning.run import normalise_dest
+    rec = L.RunRecorder("/dev/null", "fp")
+    assert rec.feed({"type": "connect", "family": "inet", "addr": "127.0.0.5", "port": 443,
+                     "name": "API.Example.com"}).value == "api.example.com:443"
+    assert rec.feed({"type": "connect", "family": "inet", "addr": "127.0.0.5", "port": 443}).value == "127.0.0.5:443"
+    assert normalise_dest("Api.Example.com.:443") == "api.example.com:443"
+    for bad in ("*.example.com:443", "example.com:1-2", "exa_mple.com:443", "example.com"):
+        with pytest.raises(ValueError):
+            normalise_dest(bad)

@@ -8,7 +8,8 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 from assay import __version__
 from assay.learning.atomic import atomic_write
 from assay.learning.constants import AT_FDCWD, FILE_OPEN, NET_CONNECT, PROC_EXEC
-from assay.learning.run import Run, RunHeader, RunItem, dump_run, format_dest, new_run_id, normalise_path
+from assay.learning.run import (Run, RunHeader, RunItem, dump_run, format_dest, format_name_dest, new_run_id,
+                                normalise_path)
 from assay.learning.times import canonical_time, now_utc
 
 
@@ -84,7 +85,10 @@ class RunRecorder:
             if ev.get("family") not in ("inet", "inet6") or ev.get("addr") is None:
                 return None
             try:
-                value = format_dest(str(ev["addr"]), int(ev.get("port", 0)))
+                if ev.get("name"):   # the DNS proxy saw a name lead to this address: learn the name
+                    value = format_name_dest(str(ev["name"]), int(ev.get("port", 0)))
+                else:
+                    value = format_dest(str(ev["addr"]), int(ev.get("port", 0)))
             except ValueError:
                 return None
             return self._count(NET_CONNECT, value, False)

@@ -77,6 +77,8 @@ def normalise_dest(dest: str) -> str:
         raise ValueError("field 'dest' must be a string")
     v6 = dest.startswith("[")
     host, sep, port = dest[1:].partition("]:") if v6 else dest.rpartition(":")
+    if sep and not v6 and not host.replace(".", "").isdigit():
+        return _name_dest(dest, host, port)
     try:
         if not sep:
             raise ValueError("no port")
@@ -84,8 +86,26 @@ def normalise_dest(dest: str) -> str:
         if not (port.isdigit() and len(port) <= 5 and int(port) <= 65535):
             raise ValueError(f"bad port {port!r}")
     except ValueError as e:
-        raise ValueError(f"bad dest {dest!r} ({e}): expected IPV4:PORT or [IPV6]:PORT") from None
+        raise ValueError(f"bad dest {dest!r} ({e}): expected IPV4:PORT, [IPV6]:PORT or NAME:PORT") from None
     return format_dest(str(addr), int(port))
+
+
+def _name_dest(dest: str, host: str, port: str) -> str:
+    """NAME:PORT: a destination a name led to (the DNS proxy), kept as the name."""
+    from assay.policy import parse_dest   # the loader is the one judge of its grammar
+
+    try:
+        net, lo, hi, name = parse_dest(dest)
+    except ValueError as e:
+        raise ValueError(f"bad dest {dest!r} ({e})") from None
+    if name is None or name.startswith("*") or lo != hi:
+        raise ValueError(f"bad dest {dest!r}: expected IPV4:PORT, [IPV6]:PORT or NAME:PORT")
+    return format_name_dest(name, lo)
+
+
+def format_name_dest(name: str, port: int) -> str:
+    name = name.lower()
+    return f"{name[:-1] if name.endswith('.') else name}:{port}"
 
 
 def format_dest(addr: str, port: int) -> str:
