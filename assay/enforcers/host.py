@@ -313,17 +313,24 @@ class HostAgent:
             self._ignore_if_ruleless(ev.fd, st, kind)
         allow = m is None or not m.blocks
         pidfd = _pidfd(ev.pid) if m is not None and m.action is abi.Action.KILL_IMMEDIATE else None
-        fanotify.respond(self.fd, ev.fd, allow)
-        self.answered += 1
-        if m is None:
-            return
         if pidfd is not None:
+            # Killed while it waits for the answer, the process never sees the open's result:
+            # answered first, it could act on EPERM (or exit on its own) before the signal lands.
             try:
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             except OSError:
                 pass
             os.close(pidfd)
-        elif m.action is abi.Action.KILL_GRACEFUL:
+        try:
+            fanotify.respond(self.fd, ev.fd, allow)
+        except OSError:
+            if pidfd is None:
+                raise
+            # the kill ended the wait, and the kernel dropped the event with it
+        self.answered += 1
+        if m is None:
+            return
+        if pidfd is None and m.action is abi.Action.KILL_GRACEFUL:
             self.kills.append((ev.pid, m.rule_index))
         if len(self.events) >= QUEUE_MAX:
             self.dropped += 1
