@@ -13,7 +13,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import attrs
 
-from assay import abi
+from assay import abi, system
 from assay.policy import is_below
 from assay.errors import InputError
 
@@ -66,19 +66,10 @@ def identify(path: str) -> InodeId:
 
 @functools.lru_cache(maxsize=1)
 def _mountinfo() -> Tuple[Tuple[str, int], ...]:
-    """(mount point, superblock dev) of this namespace's mounts, longest mount point first; of two
-    on one point, the later (the one on top). Read once per plan()."""
-    out: Dict[str, int] = {}
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                a = line.split(" - ", 1)[0].split()
-                major, minor = (int(x) for x in a[2].split(":"))
-                point = a[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-                out[point] = os.makedev(major, minor)
-    except (OSError, ValueError, IndexError):
-        return ()
-    return tuple(sorted(out.items(), key=lambda m: -len(m[0])))
+    """(mount point, superblock dev), longest mount point first; of two on one point, the one on
+    top. Read once per plan()."""
+    top = {m.point: m.dev for m in system.mounts()}
+    return tuple(sorted(top.items(), key=lambda m: -len(m[0])))
 
 
 def superblock_dev(path: str, st_dev: int) -> Optional[int]:

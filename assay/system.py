@@ -5,6 +5,8 @@ import ctypes
 import os
 from typing import List, Optional, Tuple
 
+import attrs
+
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 SECURITYFS = "/sys/kernel/security"
 CGROUP2_MAGIC = 0x63677270
@@ -129,6 +131,34 @@ def block_devices_below(st_devs) -> List[Tuple[int, int]]:
             todo += [os.path.join(real, "slaves", s) for s in os.listdir(os.path.join(real, "slaves"))]
         except OSError:
             pass
+    return out
+
+
+@attrs.frozen
+class Mount:
+    point: str      # where it is mounted, in this namespace
+    fstype: str
+    root: str       # the directory of its filesystem mounted there ("/" for the whole)
+    dev: int        # its superblock's device (what the kernel's decisions read as i_sb->s_dev)
+
+
+def _unescape(s: str) -> str:
+    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def mounts() -> List[Mount]:
+    """This namespace's mounts (/proc/self/mountinfo), in its order: a later one on the same point
+    is on top. Empty where it cannot be read."""
+    out = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                a, b = left.split(), right.split()
+                major, minor = (int(x) for x in a[2].split(":"))
+                out.append(Mount(_unescape(a[4]), b[0] if b else "", _unescape(a[3]), os.makedev(major, minor)))
+    except (OSError, ValueError, IndexError):
+        return []
     return out
 
 

@@ -3,7 +3,6 @@ and exec, where BPF trampolines (lsm, fmod_ret) are unavailable."""
 from __future__ import annotations
 
 import collections
-import ctypes
 import errno
 import os
 import select
@@ -44,21 +43,6 @@ def _refused_fix() -> str:
 
 
 # ---------------------------------------------------------------- mounts
-
-def _mounts() -> List[Tuple[str, str, str, str]]:
-    """(mount point, fs type, root within the fs, major:minor) of this namespace's mounts."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            a, b = left.split(), right.split()
-            out.append((_unescape(a[4]), b[0], _unescape(a[3]), a[2]))
-    return out
-
-
-def _unescape(s: str) -> str:
-    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-
 
 def _below(path: str, root: str) -> bool:
     return root == "/" or path == root or path.startswith(root.rstrip("/") + "/")
@@ -129,7 +113,7 @@ class HostAgent:
 
     def _mark_rules(self) -> None:
         plan = self.plan
-        mounts = _mounts()
+        mounts = system.mounts()
         for e in plan.entries:
             rule = self.rule_names.get(e.rule_index, str(e.rule_index))
             if e.map_name.endswith("_deny"):
@@ -148,13 +132,16 @@ class HostAgent:
         rules get every open there; exec rules only execve's."""
         mask = fanotify.FAN_OPEN_EXEC_PERM if exec_only else PERM
         st = os.stat(root)
-        fstype = next((m[1] for m in reversed(mounts) if _below(root, m[0])), "")
+        # the mount the subtree's root is on: the deepest point above it, the top one of a stack
+        under = [m for m in mounts if _below(root, m.point)]
+        fstype = max(under, key=lambda m: len(m.point)).fstype if under else ""
         if fstype in PSEUDO:
             raise BpfError(f"rule {rule}: the host backend cannot judge a subtree on {fstype} ({root})")
         self._mark(fanotify.FAN_MARK_FILESYSTEM, mask, root, rule)
         self._subtree_devs.add(st.st_dev)
         self._mount_fd(st.st_dev, mounts)
-        for point, fstype, _root, _dev in mounts:
+        for m in mounts:
+            point, fstype = m.point, m.fstype
             if point == root or not _below(point, root) or fstype in PSEUDO:
                 continue
             try:
@@ -183,8 +170,9 @@ class HostAgent:
         opened through it names the file by its place in the filesystem, not by a bind mount."""
         if dev in self._mount_fds:
             return
-        for point, _t, fsroot, _mm in mounts:
-            if fsroot != "/":
+        for m in mounts:
+            point = m.point
+            if m.root != "/":
                 continue
             try:
                 if os.stat(point).st_dev == dev:
@@ -415,7 +403,7 @@ class HostAgent:
                 p = os.path.join(os.readlink(f"/proc/self/fd/{dfd}"), os.fsdecode(name))
             finally:
                 os.close(dfd)
-            ident = _ident(p)
+            ident = host_judge.ident_of(p)
             if ident is None:
                 continue
             for kind in ("file", "exec"):
@@ -464,14 +452,6 @@ class HostAgent:
                     pass
         self.fd = self.fid_fd = self._stop_r = self._stop_w = -1
         self._mount_fds = {}
-
-
-def _ident(path: str):
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _place(path: str) -> host_judge.Place:

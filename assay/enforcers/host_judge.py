@@ -2,6 +2,8 @@
 bpf/src/file.bpf.h's CHECK_INODE (exact inode, place, nearest subtree; an exception nearer lifts)."""
 from __future__ import annotations
 
+import os
+
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import attrs
@@ -122,16 +124,14 @@ def from_plan(plan) -> Dict[str, KindRules]:
     return out
 
 
-def ancestors_of(path: str, stat=None) -> Optional[Tuple[Ident, ...]]:
+def ancestors_of(path: str) -> Optional[Tuple[Ident, ...]]:
     """The identities of a path's ancestors, parent first, as a lookup in this mount namespace
     sees them (a mount point is its mounted root). None where one cannot be read."""
-    import os
-    stat = stat or os.stat
     out: List[Ident] = []
     d = os.path.dirname(path)
     while True:
         try:
-            st = stat(d, follow_symlinks=False)
+            st = os.stat(d, follow_symlinks=False)
         except OSError:
             return None
         out.append((st.st_dev, st.st_ino))
@@ -147,7 +147,6 @@ def members_below(rules: KindRules, roots: Iterable[Tuple[str, int, abi.Action]]
                   on_member=None) -> List[str]:
     """Indexes what lies below each subtree deny (path, rule, action) by file handle; returns a
     note for each subtree too large to index."""
-    import os
     notes = []
     for root, index, action in roots:
         count = 0
@@ -165,7 +164,7 @@ def members_below(rules: KindRules, roots: Iterable[Tuple[str, int, abi.Action]]
                 count += 1
                 if on_member is not None:
                     on_member(p)
-            dirnames[:] = [d for d in dirnames if _ident(os.path.join(dirpath, d)) not in rules.allow_dirs]
+            dirnames[:] = [d for d in dirnames if ident_of(os.path.join(dirpath, d)) not in rules.allow_dirs]
             if count > limit:
                 notes.append(f"{root}: more than {limit} entries below it; a file moved or linked out of it "
                              "after this point is judged by its new place only")
@@ -173,8 +172,8 @@ def members_below(rules: KindRules, roots: Iterable[Tuple[str, int, abi.Action]]
     return notes
 
 
-def _ident(path: str) -> Optional[Ident]:
-    import os
+def ident_of(path: str) -> Optional[Ident]:
+    """(st_dev, st_ino) of the path itself (a symlink is not followed), None if it is gone."""
     try:
         st = os.stat(path, follow_symlinks=False)
     except OSError:

@@ -42,13 +42,12 @@ def _procfd(path):
         os.close(fd)
 
 
-def _as_user(uid, path):
+def _in_child(fn):
+    """Runs fn() in a forked child; its OSError is raised here, by errno."""
     pid = os.fork()
     if pid == 0:
         try:
-            os.setgid(uid)
-            os.setuid(uid)
-            _open(path)
+            fn()
             os._exit(0)
         except OSError as e:
             os._exit(100 + e.errno)
@@ -56,6 +55,14 @@ def _as_user(uid, path):
     code = os.WEXITSTATUS(st)
     if code:
         raise OSError(code - 100, os.strerror(code - 100))
+
+
+def _as_user(uid, path):
+    def drop_and_open():
+        os.setgid(uid)
+        os.setuid(uid)
+        _open(path)
+    _in_child(drop_and_open)
 
 
 def _in_grandchild(path):
@@ -165,19 +172,11 @@ def _uring_openat(path):
 
 
 def _in_chroot(root, path):
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.chroot(root)
-            os.chdir("/")
-            _open(path)
-            os._exit(0)
-        except OSError as e:
-            os._exit(100 + e.errno)
-    _, st = os.waitpid(pid, 0)
-    code = os.WEXITSTATUS(st)
-    if code:
-        raise OSError(code - 100, os.strerror(code - 100))
+    def enter_and_open():
+        os.chroot(root)
+        os.chdir("/")
+        _open(path)
+    _in_child(enter_and_open)
 
 
 def _run(argv, exe=None):
