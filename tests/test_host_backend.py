@@ -319,3 +319,44 @@ def test_a_learned_policy_enforced_end_to_end(assay_cmd, tmp_path):
     import test_vm_learning
     test_vm_learning.test_record_profile_generate_enforce(assay_cmd, tmp_path)
     assert '"enforcer":"host"' in (tmp_path / "bad.jsonl").read_text()
+
+
+OVERLAY = r'''
+set -e
+mount -t tmpfs none "$1"
+mkdir "$1/u" "$1/w" "$1/m"
+mount -t overlay none -o "lowerdir=$2,upperdir=$1/u,workdir=$1/w" "$1/m"
+cat "$1/m/secret"
+'''
+
+
+def test_an_overlay_in_a_user_namespace_is_no_way_around(assay_cmd, tmp_path):
+    """As nobody: a user namespace, an overlay whose lower layer holds the protected file, and a
+    read through the overlay (a different inode, on a filesystem no mark covers). fanotify sees
+    the overlay's own open of the real file, so the rule still holds; the event names the reader."""
+    if subprocess.run(["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups",
+                       "unshare", "-Urm", "true"], capture_output=True).returncode:
+        pytest.skip("unprivileged user namespaces are disabled here (kernel.unprivileged_userns_clone)")
+    base = pathlib.Path(tempfile.mkdtemp(prefix="assay-ovl-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    lower, work = base / "lower", base / "work"
+    lower.mkdir()
+    work.mkdir()
+    os.chmod(work, 0o777)
+    _write(lower / "secret", "s3cret\n")
+    os.chmod(lower, 0o755)
+    script = base / "overlay.sh"
+    script.write_text(OVERLAY)
+    os.chmod(script, 0o755)
+    try:
+        for rules in ([str(lower / "secret")], [f"{lower}/**"]):
+            pol = policy(tmp_path, f"    - id: s\n      type: file_open\n      match: {{ path_globs: {json.dumps(rules)} }}\n"
+                                   "      action: deny\n")
+            p, evs = monitor(assay_cmd, tmp_path, pol, ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY),
+                                                        "--clear-groups", "unshare", "-Urm", "sh", str(script),
+                                                        str(work), str(lower)])
+            assert "s3cret" not in p.stdout and "Operation not permitted" in p.stderr, (rules, p.stdout, p.stderr)
+            blocked = [e for e in evs if e["type"] == "file_blocked"]
+            assert blocked and blocked[0]["comm"] == "cat" and blocked[0]["ppid"] != 0, blocked
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -300,6 +300,9 @@ class HostAgent:
         if m is None and not loader:
             self._ignore_if_ruleless(ev.fd, st, kind)
         allow = m is None or not m.blocks
+        # who it was, read while the process still waits for the answer: a denied process may
+        # be gone (its /proc with it) a moment after (rule matches only: rare, never the hot path)
+        who = _proc_header(ev.pid) if m is not None else None
         pidfd = _pidfd(ev.pid) if m is not None and m.action is abi.Action.KILL_IMMEDIATE else None
         if pidfd is not None:
             # Killed while it waits for the answer, the process never sees the open's result:
@@ -323,7 +326,7 @@ class HostAgent:
         if len(self.events) >= QUEUE_MAX:
             self.dropped += 1
             return
-        self.events.append(_block_record(kind, ev.pid, ident, st, m, path))
+        self.events.append(_block_record(kind, ev.pid, who, st, m, path))
 
     def _maybe_ignore(self, ev, exec_open: bool) -> None:
         """After an out-of-scope open was let through: if no rule can judge this file for anyone,
@@ -512,17 +515,18 @@ def _proc_header(pid: int) -> Tuple[int, int, int, bytes]:
     return ppid, uid, gid, comm
 
 
-def _block_record(kind: str, pid: int, ident, st, m: host_judge.Match, path: str) -> bytes:
+def _block_record(kind: str, pid: int, who: Tuple[int, int, int, bytes], st, m: host_judge.Match,
+                  path: str) -> bytes:
     """The same record a decision program writes (struct assay_block_event), so the event has the
     same shape whichever backend judged."""
-    ppid, uid, gid, comm = _proc_header(pid)
+    ppid, uid, gid, comm = who
     ev = abi.BlockEvent()
     h = ev.hdr
     h.ts_ns = time.monotonic_ns()
     h.type = int(abi.EventType.EXEC_BLOCKED if kind == "exec" else abi.EventType.FILE_BLOCKED)
     h.pid = h.tid = pid
     h.ppid, h.uid, h.gid = ppid, uid, gid
-    h.comm = comm[:abi.COMM_LEN - 1] if hasattr(abi, "COMM_LEN") else comm[:15]
+    h.comm = comm[:abi.COMM_LEN - 1]
     ev.ino = st.st_ino
     ev.dev = st.st_dev & 0xFFFFFFFF
     ev.rule_id = m.rule_index
