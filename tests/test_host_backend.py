@@ -266,6 +266,13 @@ def test_exec_every_way_in_and_the_loader(assay_cmd, tmp_path):
     assert [e for e in evs if e["type"] == "exec_blocked" and e["rule"] == "builtin:unprovable-path"]
     p, _ = monitor(assay_cmd, tmp_path, pol, ["sh", "-c", f"{d}/other-true && /bin/true"])
     assert p.returncode == 0, p.stderr  # dynamic programs (the loader as their interpreter) still run
+    # a copy of the loader is not the loader, but it maps what it is given all the same
+    shutil.copy(loader, d / "my-ld.so")
+    p, evs = monitor(assay_cmd, tmp_path, pol, [str(d / "my-ld.so"), f"{d}/denied-true"])
+    assert p.returncode != 0, p.stderr
+    assert [e for e in evs if e["type"] == "exec_blocked" and e["rule"] == "no-true"], evs[-5:]
+    p, _ = monitor(assay_cmd, tmp_path, pol, [str(d / "my-ld.so"), f"{d}/other-true"])
+    assert p.returncode == 0, p.stderr
 
 
 def test_net_v4_v6_mapped_udp_fastopen_and_outside(assay_cmd, tmp_path, servers):  # noqa: F811

@@ -276,6 +276,11 @@ class HostAgent:
                 self.answered += 1
                 return
             kind = "file"
+            if ident in self.rules["exec"].deny and _runs_without_interpreter(ev.pid):
+                # A program that runs without a loader of its own (a dynamic loader run directly,
+                # a copy of one, a static loader) opening a denied program maps it: judged as
+                # running it, as the LSM forms' mmap_file decision does.
+                kind = "exec"
         rules = self.rules[kind]
         m = None
         path = ""
@@ -486,6 +491,27 @@ def _has_interp(fd: int) -> bool:
         return any(struct.unpack_from("<I", ph, i * phentsize)[0] == 3 for i in range(len(ph) // phentsize))
     except OSError:
         return False
+
+
+AT_BASE = 7
+
+
+def _runs_without_interpreter(pid: int) -> bool:
+    """Did the kernel start this process with no ELF interpreter (auxv AT_BASE is 0)? True for a
+    dynamic loader run as the program, and for static programs. Read from procfs: never an open
+    of a file a mark could hold."""
+    try:
+        with open(f"/proc/{pid}/auxv", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return False
+    for i in range(0, len(raw) - 15, 16):
+        key, value = struct.unpack_from("<QQ", raw, i)
+        if key == AT_BASE:
+            return value == 0
+        if key == 0:
+            break
+    return False
 
 
 def _pidfd(pid: int) -> Optional[int]:
