@@ -8,6 +8,7 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 from assay import __version__
 from assay.learning.atomic import atomic_write
 from assay.learning.constants import AT_FDCWD, FILE_OPEN, NET_CONNECT, PROC_EXEC
+from assay.learning.generalisation import generalise
 from assay.learning.run import (Run, RunHeader, RunItem, dump_run, format_dest, format_name_dest, new_run_id,
                                 normalise_path)
 from assay.learning.times import canonical_time, now_utc
@@ -80,7 +81,7 @@ class RunRecorder:
             if not path:
                 return None
             value, rel = self._resolve(_text(path), ev.get("pid"))
-            return self._count(PROC_EXEC, value, rel)
+            return self._count(PROC_EXEC, _program_behind(value), rel)
         if t == "connect":
             if ev.get("family") not in ("inet", "inet6") or ev.get("addr") is None:
                 return None
@@ -113,3 +114,13 @@ class RunRecorder:
 
 def _text(s: "str | bytes") -> str:
     return s.decode("utf-8", "surrogateescape") if isinstance(s, bytes) else s
+
+
+def _program_behind(path: str) -> str:
+    """A program run through a symbolic link in a scratch directory is learned by what it runs:
+    the /tmp/** the link's own path generalises to says nothing of where it points (exec rules
+    follow links to their target, which may lie anywhere)."""
+    if generalise(PROC_EXEC, path) == path or not os.path.islink(path):
+        return path
+    target = os.path.realpath(path)
+    return target if generalise(PROC_EXEC, target) == target else path
