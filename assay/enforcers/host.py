@@ -136,7 +136,8 @@ class HostAgent:
         under = [m for m in mounts if _below(root, m.point)]
         fstype = max(under, key=lambda m: len(m.point)).fstype if under else ""
         if fstype in PSEUDO:
-            raise BpfError(f"rule {rule}: the host backend cannot judge a subtree on {fstype} ({root})")
+            raise BpfError(f"rule {rule}: the host backend cannot watch {root}: a subtree on {fstype}, a "
+                           "filesystem fanotify cannot mark whole")
         self._mark(fanotify.FAN_MARK_FILESYSTEM, mask, root, rule)
         self._subtree_devs.add(st.st_dev)
         self._mount_fd(st.st_dev, mounts)
